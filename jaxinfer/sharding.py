@@ -1,0 +1,128 @@
+"""Mesh construction and the one table that maps logical dimension names to mesh axes.
+
+Every parameter and cache dimension is declared with a logical name (models/llama.py); this module
+is the only place that says which mesh axis splits it. A mesh preset may override entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import JaxinferError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("dp", "pp", "tp", "ep", "sp")
+
+# logical name -> mesh axis (None: replicated).
+RULES: dict[str, str | None] = {
+    "layers": "pp",
+    "vocab": "tp",
+    "embed": None,
+    "q_heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "experts": "ep",
+    "batch": "dp",
+    "seq": "sp",
+    "cache_seq": None,
+}
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "meshes"
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset is JSON: {"axes": {"tp": 4, ...}, "rules": {"vocab": null, ...}} (rules optional)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+        raise JaxinferError(
+            f"mesh preset {name_or_path!r} is neither a file nor a known preset; known: {', '.join(known)}"
+        )
+    preset = json.loads(path.read_text())
+    unknown = set(preset.get("axes", {})) - set(MESH_AXES)
+    if unknown:
+        raise JaxinferError(f"mesh preset {path} names unknown axes {sorted(unknown)}; use {MESH_AXES}")
+    unknown = set(preset.get("rules", {})) - set(RULES)
+    if unknown:
+        raise JaxinferError(f"mesh preset {path} overrides unknown logical names {sorted(unknown)}")
+    return preset
+
+
+def mesh_shape(dp: int = 1, pp: int = 1, tp: int = 1, ep: int = 1, sp: int = 1) -> dict[str, int]:
+    shape = dict(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp)
+    for name, size in shape.items():
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise JaxinferError(f"mesh axis {name}={size!r} must be a positive integer")
+    return shape
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    need = int(np.prod(list(shape.values())))
+    if need > len(devices):
+        platform = devices[0].platform if devices else "none"
+        hint = (
+            f"on CPU, simulate more devices with XLA_FLAGS=--xla_force_host_platform_device_count={need} "
+            f'or jax.config.update("jax_num_cpu_devices", {need}) before jax starts'
+            if platform == "cpu"
+            else "shrink the mesh"
+        )
+        dims = " x ".join(f"{k}={v}" for k, v in shape.items() if v > 1) or "1"
+        raise JaxinferError(f"mesh {dims} needs {need} devices but {len(devices)} {platform} devices exist; {hint}")
+    dev = np.array(devices[:need]).reshape([shape[a] for a in MESH_AXES])
+    return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | None] | None = None) -> dict:
+    """The rules table for this model on this mesh; checks every divisibility it relies on."""
+    rules = {**RULES, **(overrides or {})}
+    tp = mesh.shape["tp"]
+    if cfg.num_heads % tp:
+        raise JaxinferError(
+            f"num_attention_heads={cfg.num_heads} is not divisible by tp={tp}; "
+            f"choose tp from the divisors of {cfg.num_heads}"
+        )
+    if cfg.num_kv_heads % tp:
+        if tp % cfg.num_kv_heads:
+            raise JaxinferError(
+                f"num_key_value_heads={cfg.num_kv_heads} and tp={tp}: tp must divide the kv heads "
+                "or be a multiple of them"
+            )
+        rules["kv_heads"] = None  # fewer kv heads than tp: replicate them (see models/llama.py)
+    if cfg.intermediate_size % tp:
+        raise JaxinferError(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+    if cfg.vocab_size % tp:
+        log.warning("vocab_size=%d is not divisible by tp=%d: vocabulary replicated", cfg.vocab_size, tp)
+        rules["vocab"] = None
+    for axis in ("pp", "ep", "sp"):
+        if mesh.shape[axis] > 1:
+            raise JaxinferError(
+                f"{axis}={mesh.shape[axis]}: dense models are served with dp and tp today; "
+                f"set {axis}=1"
+            )
+    return rules
+
+
+def spec(logical_axes: Sequence[str | None], rules: Mapping[str, str | None]) -> P:
+    """PartitionSpec for a tensor with these logical axes; two dimensions may not share a mesh axis."""
+    axes = [rules.get(name) if name else None for name in logical_axes]
+    used = [a for a in axes if a is not None]
+    if len(used) != len(set(used)):
+        raise JaxinferError(f"logical axes {tuple(logical_axes)} map two dimensions onto one mesh axis: {axes}")
+    return P(*axes)
+
+
+def named(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapping[str, str | None]) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical_axes, rules))

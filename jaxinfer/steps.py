@@ -1,0 +1,64 @@
+"""The compiled step functions: plain functions over (graphdef, state) pytrees, jitted once per shape.
+
+The model graph is split once at load; each step merges it inside the trace, so no Python object
+traversal happens per step. The KV cache is donated to every step and updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.sampling import sample
+from models.llama import KVCache
+
+
+def forward(graphdef, state, tokens, positions, cache, *, kv_len, logit_index=None):
+    model = nnx.merge(graphdef, state)
+    return model(tokens, positions, cache, kv_len=kv_len, logit_index=logit_index)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
+def init_cache(shape, dtype, sharding) -> KVCache:
+    # One allocation, created sharded (never gathered on one device first).
+    zeros = jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+    return KVCache(zeros, zeros.copy())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy_only"), donate_argnames=("cache",))
+def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
+    """Right-padded prompts tokens [B, T] with true lengths [B] -> first new token and logprob [B]."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, cache = forward(graphdef, state, tokens, positions, cache, kv_len=t, logit_index=lengths - 1)
+    tok, logprob = sample(logits[:, 0], *sampling, positions=lengths, greedy_only=greedy_only)
+    return tok, logprob, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "greedy_only"), donate_argnames=("cache",))
+def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, greedy_only):
+    """`n_steps` decode steps in one program: tokens [B] sit at positions [B]; returns the next
+    n_steps tokens and logprobs [B, n_steps] and the cache."""
+    kv_len = cache.k.shape[2]
+
+    def step(carry, _):
+        tok, pos, cache = carry
+        logits, cache = forward(graphdef, state, tok[:, None], pos[:, None], cache, kv_len=kv_len)
+        new, logprob = sample(logits[:, 0], *sampling, positions=pos + 1, greedy_only=greedy_only)
+        return (new, pos + 1, cache), (new, logprob)
+
+    (_, _, cache), (toks, logprobs) = jax.lax.scan(step, (tokens, positions, cache), length=n_steps)
+    return toks.T, logprobs.T, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_shape", "cache_sharding"))
+def score(graphdef, state, tokens, *, cache_shape, cache_sharding):
+    """Full-sequence fp32 logits [B, T, V] for tokens [B, T] (positions from 0)."""
+    b, t = tokens.shape
+    cache = init_cache(cache_shape, state["params"]["embed"][...].dtype, cache_sharding)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, _ = forward(graphdef, state, tokens, positions, cache, kv_len=t)
+    return logits

@@ -1,0 +1,228 @@
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3 and SmolLM2 as switches on one config.
+
+Every parameter is declared with its logical axes; jaxinfer/sharding.py says which mesh axis splits
+each. Layers are stacked on a leading `layers` axis and run under `lax.scan`, so compile time is flat
+in depth and pipeline stages can later take contiguous slices of that axis. The model knows nothing
+of meshes: XLA derives the collectives from the shardings of the parameters and the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """How one parameter is declared and where it comes from in a Hugging Face checkpoint.
+
+    `hf` names the checkpoint tensor ({i} is the layer). A `linear` weight is stored by Hugging Face as
+    [out, in] and here as [in..., out...] with `n_in` leading input dimensions; other weights keep their
+    element order and are only reshaped.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    hf: str
+    linear: bool = False
+    n_in: int = 1
+    init: str = "normal"  # or "ones" for norm scales, "zeros" for biases
+
+
+def weights(cfg: ModelConfig) -> dict[str, Weight]:
+    """Every parameter of the model, stacked ones with a leading `layers` dimension."""
+    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    h, k, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    a = "model.layers.{i}."
+    w = {
+        "embed": Weight((v, d), ("vocab", "embed"), "model.embed_tokens.weight"),
+        "final_norm": Weight((d,), ("embed",), "model.norm.weight", init="ones"),
+        "attn_norm": Weight((n, d), ("layers", "embed"), a + "input_layernorm.weight", init="ones"),
+        "wq": Weight((n, d, h, hd), ("layers", "embed", "q_heads", "head_dim"), a + "self_attn.q_proj.weight", True),
+        "wk": Weight((n, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"), a + "self_attn.k_proj.weight", True),
+        "wv": Weight((n, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"), a + "self_attn.v_proj.weight", True),
+        "wo": Weight((n, h, hd, d), ("layers", "q_heads", "head_dim", "embed"), a + "self_attn.o_proj.weight", True, 2),
+        "mlp_norm": Weight((n, d), ("layers", "embed"), a + "post_attention_layernorm.weight", init="ones"),
+        "w_gate": Weight((n, d, f), ("layers", "embed", "mlp"), a + "mlp.gate_proj.weight", True),
+        "w_up": Weight((n, d, f), ("layers", "embed", "mlp"), a + "mlp.up_proj.weight", True),
+        "w_down": Weight((n, f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True),
+    }
+    if cfg.qkv_bias:
+        w["bq"] = Weight((n, h, hd), ("layers", "q_heads", "head_dim"), a + "self_attn.q_proj.bias", init="zeros")
+        w["bk"] = Weight((n, k, hd), ("layers", "kv_heads", "head_dim"), a + "self_attn.k_proj.bias", init="zeros")
+        w["bv"] = Weight((n, k, hd), ("layers", "kv_heads", "head_dim"), a + "self_attn.v_proj.bias", init="zeros")
+    if cfg.qk_norm:
+        w["q_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.q_norm.weight", init="ones")
+        w["k_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.k_norm.weight", init="ones")
+    if not cfg.tie_word_embeddings:
+        w["lm_head"] = Weight((d, v), ("embed", "vocab"), "lm_head.weight", True)
+    return w
+
+
+# Hugging Face tensor name pieces -> GGUF (llama.cpp) names.
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+class KVCache(NamedTuple):
+    """Contiguous cache, k and v each [layers, batch, cache_seq, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:
+    """KV heads as stored in the cache: with fewer kv heads than tp each is repeated so every tp shard
+    holds exactly the one its query heads read."""
+    return max(cfg.num_kv_heads, tp)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    s = cfg.rope_scaling
+    if s.rope_type == "linear":
+        inv = inv / s.factor
+    elif s.rope_type == "llama3":
+        low_wl = s.original_max_position_embeddings / s.low_freq_factor
+        high_wl = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / s.factor, inv)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    # x [B, T, N, H]; cos/sin [B, T, H/2]; Hugging Face's rotate-half convention.
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, sliding_window):
+    """q [B, T, N, H] against the cache k/v [B, S, K, H]; key s is visible to a query at position p
+    when s <= p (and p - s < window)."""
+    b, t, n, hd = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    key_pos = jnp.arange(k.shape[1])
+    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if sliding_window:
+        visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, hd)
+
+
+def block(p: dict, x, q_pos, k_cache, v_cache, cos, sin, cfg: ModelConfig, kv_repeat: int, kv_len: int):
+    """One decoder layer on per-layer parameters `p`; writes this step's keys/values into the cache."""
+    eps = cfg.rms_norm_eps
+    with jax.named_scope("attn"):
+        h = rms_norm(x, p["attn_norm"], eps)
+        q = jnp.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
+        k = jnp.einsum("btd,dkh->btkh", h, p["wk"])  # [B, T, D] -> [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+        if cfg.qkv_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_repeat > 1:
+            k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
+        rows = jnp.arange(x.shape[0])[:, None]
+        k_cache = k_cache.at[rows, q_pos].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, q_pos].set(v.astype(v_cache.dtype), mode="drop")
+        o = attention(q, k_cache[:, :kv_len], v_cache[:, :kv_len], q_pos, cfg.sliding_window)
+        x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"])  # [B, T, N, H] -> [B, T, D]
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, p["mlp_norm"], eps)
+        gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, D] -> [B, T, F]
+        up = jnp.einsum("btd,df->btf", h, p["w_up"])
+        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+    return x, k_cache, v_cache
+
+
+_INITS = {
+    "normal": lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype),
+    "ones": lambda key, shape, dtype: jnp.ones(shape, dtype),
+    "zeros": lambda key, shape, dtype: jnp.zeros(shape, dtype),
+}
+
+
+class Llama(nnx.Module):
+    """Parameters live in `self.params` (an nnx.Dict of Params carrying `logical_axes` metadata)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, kv_repeat: int = 1, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.kv_repeat = kv_repeat
+        spec = weights(cfg)
+        self.stacked = tuple(name for name, w in spec.items() if w.axes[0] == "layers")
+        self.params = nnx.Dict(
+            {
+                name: nnx.Param(_INITS[w.init](rngs.params(), w.shape, dtype), logical_axes=w.axes)
+                for name, w in spec.items()
+            }
+        )
+
+    def __call__(self, tokens, positions, cache: KVCache, *, kv_len: int, logit_index=None):
+        """tokens/positions [B, T]; returns (fp32 logits [B, T or 1, V], updated cache).
+
+        With `logit_index` [B], only the hidden state at that index of each row reaches the head.
+        """
+        p = {name: param[...] for name, param in self.params.items()}
+        x = jnp.take(p["embed"], tokens, axis=0)  # [B, T] -> [B, T, D]
+        angles = positions[..., None].astype(jnp.float32) * rope_frequencies(self.cfg)  # [B, T, H/2]
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        stacked = {name: p[name] for name in self.stacked}
+
+        def body(x, layer):
+            lp, k_c, v_c = layer
+            x, k_c, v_c = block(lp, x, positions, k_c, v_c, cos, sin, self.cfg, self.kv_repeat, kv_len)
+            return x, (k_c, v_c)
+
+        x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
+        x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)
+        head = p["embed"].T if self.cfg.tie_word_embeddings else p["lm_head"]
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return logits, KVCache(k, v)
+
