@@ -15,8 +15,9 @@ import logging
 import math
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer import config as config_lib
-from jaxinfer import sharding, tokenizer as tokenizer_lib
+from jaxinfer import sharding
+from jaxinfer import tokenizer as tokenizer_lib
 from jaxinfer.errors import JaxinferError
 from models import llama
 
@@ -62,9 +64,7 @@ def resolve(model: str) -> Source:
         return open_gguf(builtin_path(model))
     path = Path(model).expanduser()
     if not path.exists():
-        raise JaxinferError(
-            f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}) and no such path exists"
-        )
+        raise JaxinferError(f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}) and no such path exists")
     if path.is_file():
         if path.suffix != ".gguf":
             raise JaxinferError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory")

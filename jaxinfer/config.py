@@ -58,12 +58,12 @@ class ModelConfig:
 
     @property
     def param_count(self) -> int:
-        d, f, l, v = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
+        d, f, n, v = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
         per_layer += (q + 2 * kv) if self.qkv_bias else 0
         per_layer += 2 * self.head_dim if self.qk_norm else 0
-        return l * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+        return n * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
@@ -88,9 +88,7 @@ def from_hf_config(cfg: dict[str, Any], generation_config: dict[str, Any] | None
     """Builds a ModelConfig from the dict of a Hugging Face `config.json`."""
     arch = cfg.get("model_type")
     if arch not in LLAMA_FAMILY:
-        raise JaxinferError(
-            f"unknown architecture model_type={arch!r}; supported: {', '.join(LLAMA_FAMILY)}"
-        )
+        raise JaxinferError(f"unknown architecture model_type={arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise JaxinferError(f"hidden_act={cfg['hidden_act']!r} is not supported; only 'silu' is")
     if cfg.get("mlp_bias"):
@@ -144,9 +142,7 @@ def from_gguf_metadata(meta: dict[str, Any]) -> ModelConfig:
     """Builds a ModelConfig from GGUF key/value metadata (as a plain dict)."""
     arch = meta.get("general.architecture")
     if arch not in LLAMA_FAMILY:
-        raise JaxinferError(
-            f"unknown GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}"
-        )
+        raise JaxinferError(f"unknown GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)

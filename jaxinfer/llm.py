@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer import checkpoint, sharding, steps
 from jaxinfer.errors import JaxinferError
@@ -46,7 +49,9 @@ def ensure_devices(count: int) -> None:
         started = xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):
         return
-    if not started and count > jax.config.jax_num_cpu_devices:
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    have = max(jax.config.jax_num_cpu_devices, int(flag.group(1)) if flag else 1)
+    if not started and count > have:
         jax.config.update("jax_num_cpu_devices", count)
 
 
@@ -146,9 +151,7 @@ class LLM:
             raise JaxinferError(f"{what} is empty; give at least one token")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise JaxinferError(
-                f"{what} has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})"
-            )
+            raise JaxinferError(f"{what} has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) >= self.max_seq_len:
             raise JaxinferError(
                 f"{what} has {len(ids)} tokens, longer than the context allows (max_seq_len="
@@ -195,7 +198,12 @@ class LLM:
 
         cache = self._cache(batch, cache_len)
         tok, logprob, cache = steps.prefill(
-            self.graphdef, self.state, cache, self._put(tokens), self._put(lengths_b), sampling,
+            self.graphdef,
+            self.state,
+            cache,
+            self._put(tokens),
+            self._put(lengths_b),
+            sampling,
             greedy_only=greedy_only,
         )
         stops = _Stops(self, params)
@@ -207,8 +215,14 @@ class LLM:
         last = first
         while any(not r.done for r in rows):
             toks, lps, cache = steps.decode(
-                self.graphdef, self.state, cache, self._put(last.astype(np.int32)), self._put(positions),
-                sampling, n_steps=DECODE_CHUNK, greedy_only=greedy_only,
+                self.graphdef,
+                self.state,
+                cache,
+                self._put(last.astype(np.int32)),
+                self._put(positions),
+                sampling,
+                n_steps=DECODE_CHUNK,
+                greedy_only=greedy_only,
             )
             toks, lps = np.asarray(toks), np.asarray(lps)
             for i, row in enumerate(rows):
@@ -242,7 +256,9 @@ class LLM:
         tokens[0, : len(ids)] = ids
         cfg = self.config
         logits = steps.score(
-            self.graphdef, self.state, self._put(tokens),
+            self.graphdef,
+            self.state,
+            self._put(tokens),
             cache_shape=(cfg.num_layers, batch, t, self.cache_kv_heads, cfg.head_dim),
             cache_sharding=self._cache_sharding(),
         )
@@ -312,8 +328,10 @@ def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs)
     sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = set(kwargs) - llm_keys - sampling_keys
     if unknown:
-        raise JaxinferError(f"unknown arguments {sorted(unknown)}; LLM takes {sorted(llm_keys)}, "
-                            f"SamplingParams takes {sorted(sampling_keys)}")
+        raise JaxinferError(
+            f"unknown arguments {sorted(unknown)}; LLM takes {sorted(llm_keys)}, "
+            f"SamplingParams takes {sorted(sampling_keys)}"
+        )
     params = SamplingParams(**{k: v for k, v in kwargs.items() if k in sampling_keys})
     llm = LLM(model, **{k: v for k, v in kwargs.items() if k in llm_keys})
     return llm.generate(prompts, params, chat=chat)

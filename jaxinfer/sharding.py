@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
@@ -35,6 +36,7 @@ RULES: dict[str, str | None] = {
     "batch": "dp",
     "seq": "sp",
     "cache_seq": None,
+    "cache_heads": "tp",  # kv heads as the cache stores them: repeated up to tp when fewer
 }
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "meshes"
@@ -109,8 +111,7 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
     for axis in ("pp", "ep", "sp"):
         if mesh.shape[axis] > 1:
             raise JaxinferError(
-                f"{axis}={mesh.shape[axis]}: dense models are served with dp and tp today; "
-                f"set {axis}=1"
+                f"{axis}={mesh.shape[axis]}: dense models are served with dp and tp today; set {axis}=1"
             )
     return rules
 

@@ -108,9 +108,12 @@ def from_hf_dir(directory: Path) -> Tokenizer | None:
     )
 
 
-def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """A byte-level BPE tokenizer (llama.cpp's `gpt2` model) rebuilt from GGUF metadata."""
+def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
+    """A byte-level BPE tokenizer (llama.cpp's `gpt2` model) rebuilt from GGUF metadata, or None when
+    the file carries no tokenizer."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
     if kind != "gpt2":
         raise JaxinferError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is")
     tokens = meta["tokenizer.ggml.tokens"]

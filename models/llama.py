@@ -87,13 +87,13 @@ GGUF_NAMES = {
 
 
 class KVCache(NamedTuple):
-    """Contiguous cache, k and v each [layers, batch, cache_seq, kv_heads, head_dim]."""
+    """Contiguous cache, k and v each [layers, batch, cache_seq, cache_heads, head_dim]."""
 
     k: jax.Array
     v: jax.Array
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "cache_seq", "cache_heads", "head_dim")
 
 
 def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:
@@ -225,4 +225,3 @@ class Llama(nnx.Module):
         head = p["embed"].T if self.cfg.tie_word_embeddings else p["lm_head"]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         return logits, KVCache(k, v)
-

@@ -1,0 +1,3 @@
+from jaxinfer.cli import run
+
+run()

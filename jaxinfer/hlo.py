@@ -1,0 +1,62 @@
+"""Reading collectives out of compiled HLO text: what a step really moves between devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
+_OP = re.compile(r"^\s*(?:ROOT )?%?(\S+) = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    computation: str  # the HLO computation it sits in (a scanned layer's body appears once)
+    shape: str
+    bytes: int  # size of the result on one device
+
+
+def _result_bytes(result: str) -> int:
+    return sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(result))
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    out, computation = [], ""
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            computation = m.group(1)
+            continue
+        m = _OP.match(line)
+        if m and "-done" not in m.group(3):
+            out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2))))
+    return out
+
+
+_WHILE = re.compile(r"body=%?([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def loop_trip_counts(hlo_text: str) -> dict[str, int]:
+    """Body computation name -> known trip count, for every while loop XLA could count."""
+    return {m.group(1): int(m.group(2)) for m in map(_WHILE.search, hlo_text.splitlines()) if m}

@@ -1,0 +1,42 @@
+"""Shared fixtures. Eight simulated CPU devices, set before jax starts."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Start the backend now, so that LLM() does not grow the simulated device count on its own.
+assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(arch) -> a directory holding a random-weight transformers checkpoint of that arch."""
+    made = {}
+
+    def make(arch: str):
+        if arch not in made:
+            made[arch] = tiny.build(arch, tmp_path_factory.mktemp(arch))
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import jaxinfer
+
+    return jaxinfer.LLM("smollm2-135m", tp=3)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    from jaxinfer import checkpoint
+
+    path = checkpoint.builtin_path("smollm2-135m")
+    return tiny.hf_from_gguf(path)
