@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -40,8 +41,8 @@ ORBAX_MARKER = "jaxinfer.json"
 class Source:
     """A resolved model: its config, its tokenizer (or None) and a reader of Hugging Face-named tensors."""
 
-    kind: str  # "hf" | "gguf" | "orbax"
-    path: Path
+    kind: str  # "hf" | "gguf" | "orbax" | "shape" (a built-in shape without weights)
+    path: Path | None
     config: config_lib.ModelConfig
     tokenizer: tokenizer_lib.Tokenizer | None
     read: Callable[[str], Any] | None = None  # HF name -> array-like supporting [rows, cols] slicing
@@ -62,9 +63,12 @@ def resolve(model: str) -> Source:
     """Finds what `model` names (built-in name, .gguf file, HF or orbax directory) and opens it."""
     if model in BUILTIN:
         return open_gguf(builtin_path(model))
+    if model in config_lib.SHAPES:
+        return Source("shape", None, config_lib.SHAPES[model], None)
     path = Path(model).expanduser()
     if not path.exists():
-        raise JaxinferError(f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}) and no such path exists")
+        names = ", ".join([*BUILTIN, *config_lib.SHAPES])
+        raise JaxinferError(f"model {model!r} is not a built-in name ({names}) and no such path exists")
     if path.is_file():
         if path.suffix != ".gguf":
             raise JaxinferError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory")
@@ -258,6 +262,22 @@ def place(source: Source, mesh: Mesh, rules: dict, dtype, kv_repeat: int = 1) ->
 
 def param_shardings(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict) -> dict:
     return {name: sharding.named(mesh, w.axes, rules) for name, w in llama.weights(cfg).items()}
+
+
+def random_params(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict, dtype, seed: int = 0) -> dict:
+    """Random weights created directly on the devices, each already in its shard."""
+    spec = llama.weights(cfg)
+    shardings = param_shardings(cfg, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init(key):
+        keys = jax.random.split(key, len(spec))
+        return {name: llama.INITS[w.init](k, w.shape, dtype) for k, (name, w) in zip(keys, spec.items())}
+
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(init(jax.random.key(seed)))
+    log.info("created random weights in %.1fs", time.perf_counter() - t0)
+    return params
 
 
 def restore_orbax(source: Source, mesh: Mesh, rules: dict, dtype) -> dict[str, jax.Array]:

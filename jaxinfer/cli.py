@@ -31,16 +31,28 @@ flags.DEFINE_integer("seed", None, "Random seed for sampling (reproducible when 
 flags.DEFINE_multi_string("stop", None, "Stop string; repeat for several.")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past the end-of-sequence token.")
 flags.DEFINE_string("output", None, "convert: directory to write the orbax checkpoint to.")
+flags.DEFINE_bool("random_weights", False, "Random weights created on the devices (any model or built-in shape).")
+flags.DEFINE_integer("batch", 1, "explain: batch size of the steps to compile.")
+flags.DEFINE_integer("prompt_len", 128, "explain/bench: prompt length in tokens.")
+flags.DEFINE_integer("gen_len", 128, "explain/bench: new tokens per sequence (sizes the KV cache).")
+flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "bench: batch sizes to measure.")
+flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead of a table.")
 
 USAGE = """usage: jaxinfer <command> [--flags]
 
 commands:
   generate   load --model onto the mesh and print the completion of each --prompt
   convert    load --model and write it to --output as an orbax checkpoint (loads back onto any mesh)
+  explain    compile prefill and decode on the mesh without weights: memory and collectives per device
+  bench      measure TTFT, TPOT, tokens/s and memory-bandwidth utilisation for --batch_sizes
 
 Logs go to stderr, completions to stdout. Example:
   jaxinfer generate --tp=3 --chat --prompt="What is the capital of France?"
 """
+
+
+def _axes() -> dict[str, int]:
+    return dict(tp=FLAGS.tp, pp=FLAGS.pp, ep=FLAGS.ep, sp=FLAGS.sp, dp=FLAGS.dp)
 
 
 def _llm():
@@ -48,14 +60,11 @@ def _llm():
 
     return jaxinfer.LLM(
         FLAGS.model,
-        tp=FLAGS.tp,
-        pp=FLAGS.pp,
-        ep=FLAGS.ep,
-        sp=FLAGS.sp,
-        dp=FLAGS.dp,
+        **_axes(),
         mesh=FLAGS.mesh,
         dtype=FLAGS.dtype,
         max_seq_len=FLAGS.max_seq_len,
+        random_weights=FLAGS.random_weights,
     )
 
 
@@ -101,7 +110,31 @@ def cmd_convert() -> None:
     print(FLAGS.output)
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
+def cmd_explain() -> None:
+    import json
+
+    from jaxinfer import explain, llm
+
+    n = 1
+    for v in _axes().values():
+        n *= v
+    llm.ensure_devices(n)
+    report = explain.explain(
+        FLAGS.model, _axes(), FLAGS.mesh, FLAGS.dtype, FLAGS.batch, FLAGS.prompt_len, FLAGS.gen_len
+    )
+    print(json.dumps(report) if FLAGS.json else explain.format_report(report))
+
+
+def cmd_bench() -> None:
+    import json
+
+    from jaxinfer import bench
+
+    report = bench.run(_llm(), [int(b) for b in FLAGS.batch_sizes], FLAGS.prompt_len, FLAGS.gen_len)
+    print(json.dumps(report) if FLAGS.json else bench.format_table(report))
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "explain": cmd_explain, "bench": cmd_bench}
 
 
 def main(argv: list[str]) -> int:

@@ -35,6 +35,7 @@ class Collective:
     computation: str  # the HLO computation it sits in (a scanned layer's body appears once)
     shape: str
     bytes: int  # size of the result on one device
+    promoted: bool = False  # the backend widened a low-precision reduction (XLA:CPU does for bf16)
 
 
 def _result_bytes(result: str) -> int:
@@ -50,7 +51,8 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         m = _OP.match(line)
         if m and "-done" not in m.group(3):
-            out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2))))
+            promoted = "_promoted" in line.split("to_apply=", 1)[-1].split(",", 1)[0]
+            out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2)), promoted))
     return out
 
 

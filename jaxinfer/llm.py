@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer import checkpoint, sharding, steps
+from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.sampling import SamplingParams
 from models import llama
@@ -41,6 +42,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def buckets(n_prompts: int, longest: int, max_tokens: int, dp: int, max_seq_len: int) -> tuple[int, int, int]:
+    """The compiled shapes a request lands in: (batch, prompt length, cache length), powers of two."""
+    batch = dp * _pow2(-(-n_prompts // dp))
+    prompt = min(max(MIN_PROMPT_BUCKET, _pow2(longest)), max_seq_len)
+    cache = min(max(prompt, _pow2(longest + max_tokens)), max_seq_len)
+    return batch, prompt, cache
+
+
 def ensure_devices(count: int) -> None:
     """On CPU, asks jax for `count` simulated devices when its backend has not started yet."""
     try:
@@ -53,6 +62,102 @@ def ensure_devices(count: int) -> None:
     have = max(jax.config.jax_num_cpu_devices, int(flag.group(1)) if flag else 1)
     if not started and count > have:
         jax.config.update("jax_num_cpu_devices", count)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything decided before any weight is read: config, mesh, rules, dtype and the abstract model."""
+
+    source: checkpoint.Source
+    config: ModelConfig
+    mesh: Mesh
+    rules: dict
+    dtype: jnp.dtype
+    max_seq_len: int
+    cache_kv_heads: int
+    graphdef: nnx.GraphDef
+    abstract: nnx.State  # parameters as ShapeDtypeStructs carrying their shardings
+
+    def state_with(self, params: dict[str, jax.Array]) -> nnx.State:
+        state = jax.tree.map(lambda x: x, self.abstract)
+        for path, var in nnx.to_flat_state(state):
+            var.set_value(params[path[-1]])
+        return state
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.num_layers, batch, length, self.cache_kv_heads, cfg.head_dim)
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """A host batch [B, ...] onto the mesh, split over the batch axis."""
+        spec = P(self.rules["batch"], *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def sampling_arrays(self, params: SamplingParams, n: int, batch: int):
+        """Per-row sampling arrays for n real rows padded to `batch`, and whether all rows are greedy."""
+        temperature = np.zeros(batch, np.float32)
+        temperature[:n] = params.temperature
+        top_k = np.zeros(batch, np.int32)
+        top_k[:n] = params.top_k
+        top_p = np.ones(batch, np.float32)
+        top_p[:n] = params.top_p
+        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31 - 1))
+        keys = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(seed))), (batch, 2)).copy()
+        arrays = tuple(self.put(a) for a in (temperature, top_k, top_p, keys))
+        return arrays, params.temperature == 0
+
+    @property
+    def cache_sharding(self) -> NamedSharding:
+        return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
+
+
+def prepare(
+    model: str,
+    axes: dict[str, int],
+    mesh: str | None = None,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    random_weights: bool = False,
+) -> Setup:
+    """Resolves the model and mesh and checks every constraint; reads no weights."""
+    t0 = time.perf_counter()
+    overrides = None
+    if mesh is not None:
+        preset = sharding.load_preset(mesh)
+        shape = sharding.mesh_shape(**preset.get("axes", {}))
+        overrides = preset.get("rules")
+    else:
+        shape = sharding.mesh_shape(**axes)
+    if dtype is not None and dtype not in DTYPES:
+        raise JaxinferError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    source = checkpoint.resolve(model)
+    if source.kind == "shape" and not random_weights:
+        raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
+    cfg = source.config
+    if max_seq_len is not None and not 1 < max_seq_len <= cfg.max_position_embeddings:
+        raise JaxinferError(
+            f"max_seq_len={max_seq_len} must be in [2, {cfg.max_position_embeddings}] "
+            "(the model's max_position_embeddings)"
+        )
+    ensure_devices(int(np.prod(list(shape.values()))))
+    device_mesh = sharding.make_mesh(shape)
+    rules = sharding.resolve_rules(cfg, device_mesh, overrides)
+    if dtype is None:
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dt = DTYPES[dtype]
+    kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
+    log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
+    model_ = nnx.eval_shape(
+        lambda: llama.Llama(cfg, dtype=dt, kv_repeat=kv_heads // cfg.num_kv_heads, rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract = nnx.split(model_)
+    shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
+    for path, var in nnx.to_flat_state(abstract):
+        v = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[path[-1]]))
+    return Setup(
+        source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, graphdef, abstract
+    )
 
 
 class LLM:
@@ -77,52 +182,25 @@ class LLM:
         mesh: str | None = None,
         dtype: str | None = None,
         max_seq_len: int | None = None,
+        random_weights: bool = False,
     ):
         t0 = time.perf_counter()
-        overrides = None
-        if mesh is not None:
-            preset = sharding.load_preset(mesh)
-            shape = sharding.mesh_shape(**preset.get("axes", {}))
-            overrides = preset.get("rules")
+        setup = prepare(model, dict(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp), mesh, dtype, max_seq_len, random_weights)
+        self.setup = setup
+        self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
+        self.tokenizer = setup.source.tokenizer
+        self.max_seq_len = setup.max_seq_len
+        self.eos_token_ids = self.config.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.cache_kv_heads = setup.cache_kv_heads
+        self.graphdef = setup.graphdef
+        if random_weights:
+            params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype)
+        elif setup.source.kind == "orbax":
+            params = checkpoint.restore_orbax(setup.source, self.mesh, self.rules, self.dtype)
         else:
-            shape = sharding.mesh_shape(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp)
-        if dtype is not None and dtype not in DTYPES:
-            raise JaxinferError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        source = checkpoint.resolve(model)
-        cfg = source.config
-        if max_seq_len is not None and not 1 < max_seq_len <= cfg.max_position_embeddings:
-            raise JaxinferError(
-                f"max_seq_len={max_seq_len} must be in [2, {cfg.max_position_embeddings}] "
-                "(the model's max_position_embeddings)"
-            )
-        ensure_devices(int(np.prod(list(shape.values()))))
-        self.mesh = sharding.make_mesh(shape)
-        self.rules = sharding.resolve_rules(cfg, self.mesh, overrides)
-        if dtype is None:
-            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        self.dtype = DTYPES[dtype]
-        self.config = cfg
-        self.tokenizer = source.tokenizer
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
-        self.eos_token_ids = cfg.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
-        self.cache_kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
-        log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
-
-        abstract = nnx.eval_shape(
-            lambda: llama.Llama(
-                cfg, dtype=self.dtype, kv_repeat=self.cache_kv_heads // cfg.num_kv_heads, rngs=nnx.Rngs(0)
-            )
-        )
-        self.graphdef, state = nnx.split(abstract)
-        if source.kind == "orbax":
-            params = checkpoint.restore_orbax(source, self.mesh, self.rules, self.dtype)
-        else:
-            params = checkpoint.place(source, self.mesh, self.rules, self.dtype)
-        for path, var in nnx.to_flat_state(state):
-            var.set_value(params[path[-1]])
-        self.state = state
+            params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype)
         self.params = params
-        self._batch_sharding = NamedSharding(self.mesh, P(self.rules["batch"]))
+        self.state = setup.state_with(params)
         log.info("loaded %s on mesh %s in %.1fs", model, dict(self.mesh.shape), time.perf_counter() - t0)
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -159,20 +237,10 @@ class LLM:
             )
 
     def _cache(self, batch: int, length: int) -> llama.KVCache:
-        cfg = self.config
-        shape = (cfg.num_layers, batch, length, self.cache_kv_heads, cfg.head_dim)
-        return steps.init_cache(shape, self.dtype, self._cache_sharding())
-
-    def _cache_sharding(self) -> NamedSharding:
-        return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
-
-    def _batch_bucket(self, n: int) -> int:
-        dp = self.mesh.shape["dp"]
-        return dp * _pow2(-(-n // dp))
+        return steps.init_cache(self.setup.cache_shape(batch, length), self.dtype, self.setup.cache_sharding)
 
     def _put(self, x: np.ndarray) -> jax.Array:
-        spec = P(self.rules["batch"], *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return self.setup.put(x)
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -184,9 +252,9 @@ class LLM:
         prompt_ids = self._prompt_ids(prompts, chat)
         n = len(prompt_ids)
         lengths = np.array([len(p) for p in prompt_ids], np.int32)
-        batch = self._batch_bucket(n)
-        t_bucket = min(max(MIN_PROMPT_BUCKET, _pow2(lengths.max())), self.max_seq_len)
-        cache_len = min(max(t_bucket, _pow2(lengths.max() + params.max_tokens)), self.max_seq_len)
+        batch, t_bucket, cache_len = buckets(
+            n, lengths.max(), params.max_tokens, self.mesh.shape["dp"], self.max_seq_len
+        )
         budget = np.minimum(params.max_tokens, cache_len - lengths)  # new tokens each row may make
 
         tokens = np.zeros((batch, t_bucket), np.int32)
@@ -194,7 +262,7 @@ class LLM:
             tokens[i, : len(p)] = p
         lengths_b = np.ones(batch, np.int32)
         lengths_b[:n] = lengths
-        sampling, greedy_only = self._sampling_arrays(params, n, batch)
+        sampling, greedy_only = self.setup.sampling_arrays(params, n, batch)
 
         cache = self._cache(batch, cache_len)
         tok, logprob, cache = steps.prefill(
@@ -234,33 +302,19 @@ class LLM:
             last = toks[:, -1]
         return [stops.completion(r) for r in rows]
 
-    def _sampling_arrays(self, params: SamplingParams, n: int, batch: int):
-        temperature = np.zeros(batch, np.float32)
-        temperature[:n] = params.temperature
-        top_k = np.zeros(batch, np.int32)
-        top_k[:n] = params.top_k
-        top_p = np.ones(batch, np.float32)
-        top_p[:n] = params.top_p
-        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31 - 1))
-        keys = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(seed))), (batch, 2)).copy()
-        arrays = tuple(self._put(a) for a in (temperature, top_k, top_p, keys))
-        return arrays, params.temperature == 0
-
     def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """Full-sequence logits, numpy float32 [len(token_ids), vocab_size]."""
         ids = [int(t) for t in token_ids]
         self._check_ids(ids, "token_ids")
-        t = min(max(MIN_PROMPT_BUCKET, _pow2(len(ids))), self.max_seq_len)
-        batch = self._batch_bucket(1)
+        batch, t, _ = buckets(1, len(ids), 0, self.mesh.shape["dp"], self.max_seq_len)
         tokens = np.zeros((batch, t), np.int32)
         tokens[0, : len(ids)] = ids
-        cfg = self.config
         logits = steps.score(
             self.graphdef,
             self.state,
             self._put(tokens),
-            cache_shape=(cfg.num_layers, batch, t, self.cache_kv_heads, cfg.head_dim),
-            cache_sharding=self._cache_sharding(),
+            cache_shape=self.setup.cache_shape(batch, t),
+            cache_sharding=self.setup.cache_sharding,
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
 
@@ -324,7 +378,7 @@ class _Stops:
 
 def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs) -> list[Completion]:
     """One call: load `model` with the LLM keyword arguments, generate with the SamplingParams ones."""
-    llm_keys = {"tp", "pp", "ep", "sp", "dp", "mesh", "dtype", "max_seq_len"}
+    llm_keys = {"tp", "pp", "ep", "sp", "dp", "mesh", "dtype", "max_seq_len", "random_weights"}
     sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = set(kwargs) - llm_keys - sampling_keys
     if unknown:

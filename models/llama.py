@@ -180,7 +180,7 @@ def block(p: dict, x, q_pos, k_cache, v_cache, cos, sin, cfg: ModelConfig, kv_re
     return x, k_cache, v_cache
 
 
-_INITS = {
+INITS = {
     "normal": lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype),
     "ones": lambda key, shape, dtype: jnp.ones(shape, dtype),
     "zeros": lambda key, shape, dtype: jnp.zeros(shape, dtype),
@@ -197,7 +197,7 @@ class Llama(nnx.Module):
         self.stacked = tuple(name for name, w in spec.items() if w.axes[0] == "layers")
         self.params = nnx.Dict(
             {
-                name: nnx.Param(_INITS[w.init](rngs.params(), w.shape, dtype), logical_axes=w.axes)
+                name: nnx.Param(INITS[w.init](rngs.params(), w.shape, dtype), logical_axes=w.axes)
                 for name, w in spec.items()
             }
         )

@@ -8,7 +8,7 @@ from jaxinfer import hlo, steps
 
 def _decode_hlo(llm, batch=1, cache_len=64, n_steps=1):
     cache = llm._cache(batch, cache_len)
-    sampling, _ = llm._sampling_arrays(jaxinfer.SamplingParams(temperature=0), batch, batch)
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), batch, batch)
     zeros = llm._put(np.zeros(batch, np.int32))
     lowered = steps.decode.lower(
         llm.graphdef, llm.state, cache, zeros, zeros, sampling, n_steps=n_steps, greedy_only=True

@@ -1,0 +1,153 @@
+"""`bench`: time to first token, time per output token, throughput and memory-bandwidth utilisation.
+
+MBU = bytes a decode step must read on one device (its weights and its KV cache) / TPOT / that
+device's peak bandwidth, the peak measured on the spot as the best of several large on-device copies.
+Simulated CPU devices share one memory system, so on CPU the figure is meaningful at one device.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import explain, steps
+from jaxinfer.llm import DECODE_CHUNK, LLM, buckets
+from jaxinfer.sampling import SamplingParams
+
+
+def peak_bandwidth(device: jax.Device, nbytes: int | None = None, reps: int = 5) -> float:
+    """Bytes per second of a large copy on `device` (read + write), best of `reps`."""
+    if nbytes is None:
+        nbytes = (256 << 20) if device.platform == "cpu" else (2 << 30)
+    x = jax.device_put(jnp.zeros(nbytes // 4, jnp.float32), device)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("jax", "jaxlib", "flax", "orbax-checkpoint"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"CPU {platform.processor() or platform.machine()} ({len(jax.devices())} jax devices)"
+    return f"{d.device_kind} x{len(jax.devices())}"
+
+
+def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float, seed: int = 0) -> dict:
+    setup = llm.setup
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, llm.config.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    b, t, cache_len = buckets(batch, prompt_len, gen_len, llm.mesh.shape["dp"], llm.max_seq_len)
+    tokens = np.zeros((b, t), np.int32)
+    tokens[:batch, :prompt_len] = prompts
+    tokens_d = setup.put(tokens)
+    lengths = setup.put(np.full(b, prompt_len, np.int32))
+    sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), b, b)
+    chunks = max(1, -(-(gen_len - 1) // DECODE_CHUNK))
+
+    def run(timed: bool):
+        cache = llm._cache(b, cache_len)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        tok, _, cache = steps.prefill(llm.graphdef, llm.state, cache, tokens_d, lengths, sampling, greedy_only=True)
+        tok.block_until_ready()
+        ttft = time.perf_counter() - t0
+        per_token, positions = [], np.full(b, prompt_len, np.int32)
+        for _ in range(chunks):
+            t1 = time.perf_counter()
+            toks, _, cache = steps.decode(
+                llm.graphdef,
+                llm.state,
+                cache,
+                tok,
+                setup.put(positions),
+                sampling,
+                n_steps=DECODE_CHUNK,
+                greedy_only=True,
+            )
+            toks.block_until_ready()
+            per_token.append((time.perf_counter() - t1) / DECODE_CHUNK)
+            tok, positions = toks[:, -1], positions + DECODE_CHUNK
+        return ttft, per_token
+
+    run(False)  # compile
+    ttft, tpot = run(True)
+    ttft = min(ttft, run(True)[0])
+    params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)
+    e2e = batch * gen_len / (time.perf_counter() - t0)
+    reads = (
+        explain.per_device_param_bytes(setup)
+        + 2
+        * int(np.prod(setup.cache_sharding.shard_shape(setup.cache_shape(b, cache_len))))
+        * np.dtype(setup.dtype).itemsize
+    )
+    median = statistics.median(tpot)
+    return {
+        "batch": batch,
+        "ttft_s": ttft,
+        "tpot_median_s": median,
+        "tpot_p90_s": float(np.percentile(tpot, 90)),
+        "decode_tok_s": batch / median,
+        "generate_tok_s": e2e,
+        "bytes_read_per_step": reads,
+        "mbu": reads / median / peak,
+        "roofline_tok_s": batch * peak / reads,
+    }
+
+
+def run(llm: LLM, batch_sizes: list[int], prompt_len: int, gen_len: int) -> dict:
+    peak = peak_bandwidth(llm.mesh.devices.flat[0])
+    rows = [bench_batch(llm, b, prompt_len, gen_len, peak) for b in batch_sizes]
+    return {
+        "device": device_name(),
+        "dtype": np.dtype(llm.dtype).name,
+        "mesh": {k: int(v) for k, v in llm.mesh.shape.items()},
+        "versions": versions(),
+        "peak_bandwidth_gb_s": peak / 1e9,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "rows": rows,
+    }
+
+
+def format_table(r: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    head = (
+        f"{r['device']}, {r['dtype']}, {mesh}, prompt {r['prompt_len']}, {r['gen_len']} new tokens; "
+        f"peak copy bandwidth {r['peak_bandwidth_gb_s']:.1f} GB/s; "
+        + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+    )
+    lines = [
+        head,
+        "| batch | TTFT ms | TPOT ms (median / p90) | decode tok/s | generate() tok/s | roofline tok/s | MBU |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['batch']} | {x['ttft_s'] * 1e3:.1f} | {x['tpot_median_s'] * 1e3:.2f} / "
+            f"{x['tpot_p90_s'] * 1e3:.2f} | {x['decode_tok_s']:.1f} | {x['generate_tok_s']:.1f} | "
+            f"{x['roofline_tok_s']:.1f} | {x['mbu']:.0%} |"
+        )
+    return "\n".join(lines)

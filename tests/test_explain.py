@@ -1,0 +1,73 @@
+"""explain's figures against the compiled HLO and against a real load; bench's bookkeeping."""
+
+import numpy as np
+
+import jaxinfer
+from jaxinfer import bench, explain, hlo, steps
+from jaxinfer.sampling import SamplingParams
+
+
+def test_llama3_70b_tp8_decode_shows_two_16k_all_reduces_per_layer():
+    r = explain.explain("llama3-70b", dict(tp=8), dtype="bfloat16", batch=1, prompt_len=128)
+    ar = r["steps"]["decode"]["collectives"]["all-reduce"]
+    assert ar["per_layer_count"] == 2 and ar["per_layer_bytes"] == 2 * 8192 * 2  # 2 x (B x D x 2 bytes)
+    assert ar["count"] == 2 * 80 + (ar["count"] - 160) and ar["count"] - 160 <= 6
+    per_device = r["per_device"]["param_bytes"]
+    total = r["total"]["param_bytes"]
+    norms = (2 * 80 + 1) * 8192 * 2  # replicated
+    assert per_device == (total - norms) // 8 + norms
+
+
+def test_counts_and_bytes_equal_the_compiled_hlo(tiny_dir):
+    path = str(tiny_dir("llama3"))
+    r = explain.explain(path, dict(tp=4), batch=2, prompt_len=8, gen_len=8)
+    llm = jaxinfer.LLM(path, tp=4)
+    cfg = llm.config
+    cache = llm._cache(2, r["shapes"]["cache_len"])
+    sampling, _ = llm.setup.sampling_arrays(SamplingParams(temperature=0), 2, 2)
+    col = llm.setup.put(np.zeros(2, np.int32))
+    text = (
+        steps.decode.lower(llm.graphdef, llm.state, cache, col, col, sampling, n_steps=1, greedy_only=True)
+        .compile()
+        .as_text()
+    )
+    body = [name for name, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    want: dict[str, list[int]] = {}
+    for c in hlo.collectives(text):
+        times = cfg.num_layers if c.computation in body else 1
+        count_bytes = want.setdefault(c.kind, [0, 0])
+        count_bytes[0] += times
+        count_bytes[1] += times * c.bytes
+    got = {k: [v["count"], v["bytes"]] for k, v in r["steps"]["decode"]["collectives"].items()}
+    assert got == want
+    assert r["steps"]["decode"]["collectives"]["all-reduce"]["per_layer_bytes"] == 2 * 2 * cfg.hidden_size * 4
+
+
+def test_per_device_memory_matches_a_real_load(tiny_dir):
+    path = str(tiny_dir("smollm2"))
+    r = explain.explain(path, dict(tp=4), batch=4, prompt_len=20, gen_len=12)
+    llm = jaxinfer.LLM(path, tp=4)
+    cache = llm._cache(4, r["shapes"]["cache_len"])
+    for device in llm.mesh.devices.flat:
+        params = sum(s.data.nbytes for a in llm.params.values() for s in a.addressable_shards if s.device == device)
+        kv = sum(s.data.nbytes for a in cache for s in a.addressable_shards if s.device == device)
+        assert abs(params - r["per_device"]["param_bytes"]) <= 0.05 * params
+        assert abs(kv - r["per_device"]["kv_cache_bytes"]) <= 0.05 * kv
+    # XLA's own account of the decode step's inputs: parameters, cache and a few small arrays.
+    args = r["steps"]["decode"]["argument_bytes"]
+    want = r["per_device"]["param_bytes"] + r["per_device"]["kv_cache_bytes"]
+    assert abs(args - want) <= 0.05 * want
+
+
+def test_bench_reads_what_explain_says(tiny_dir):
+    path = str(tiny_dir("llama2"))
+    llm = jaxinfer.LLM(path)
+    report = bench.run(llm, [1, 3], prompt_len=6, gen_len=9)
+    assert [row["batch"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        r = explain.explain(path, dict(tp=1), batch=row["batch"], prompt_len=6, gen_len=9)
+        assert row["bytes_read_per_step"] == r["steps"]["decode"]["bytes_read"]
+        assert np.isclose(
+            row["mbu"], row["bytes_read_per_step"] / row["tpot_median_s"] / (report["peak_bandwidth_gb_s"] * 1e9)
+        )
+    assert set(report["versions"]) == {"jax", "jaxlib", "flax", "orbax-checkpoint"}
