@@ -152,8 +152,9 @@ def attention(q, k, v, q_pos, sliding_window):
     return out.reshape(b, t, n, hd)
 
 
-def block(p: dict, x, q_pos, k_cache, v_cache, cos, sin, cfg: ModelConfig, kv_repeat: int, kv_len: int):
-    """One decoder layer on per-layer parameters `p`; writes this step's keys/values into the cache."""
+def block(p: dict, x, q_pos, cache: KVCache, layer, cos, sin, cfg: ModelConfig, kv_repeat: int, kv_len: int):
+    """Decoder layer `layer` on its parameters `p`; writes this step's keys/values into the whole cache
+    in place (a loop carry) and attends to that layer's first `kv_len` positions."""
     eps = cfg.rms_norm_eps
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
@@ -168,16 +169,18 @@ def block(p: dict, x, q_pos, k_cache, v_cache, cos, sin, cfg: ModelConfig, kv_re
         if kv_repeat > 1:
             k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
         rows = jnp.arange(x.shape[0])[:, None]
-        k_cache = k_cache.at[rows, q_pos].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, q_pos].set(v.astype(v_cache.dtype), mode="drop")
-        o = attention(q, k_cache[:, :kv_len], v_cache[:, :kv_len], q_pos, cfg.sliding_window)
+        cache = KVCache(
+            *(c.at[layer, rows, q_pos].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (k, v)))
+        )
+        k_l, v_l = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :kv_len] for c in cache)
+        o = attention(q, k_l, v_l, q_pos, cfg.sliding_window)
         x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"])  # [B, T, N, H] -> [B, T, D]
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
         gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, D] -> [B, T, F]
         up = jnp.einsum("btd,df->btf", h, p["w_up"])
         x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
-    return x, k_cache, v_cache
+    return x, cache
 
 
 INITS = {
@@ -207,21 +210,26 @@ class Llama(nnx.Module):
 
         With `logit_index` [B], only the hidden state at that index of each row reaches the head.
         """
-        p = {name: param[...] for name, param in self.params.items()}
+        p = {name: param.get_value() for name, param in self.params.items()}
         x = jnp.take(p["embed"], tokens, axis=0)  # [B, T] -> [B, T, D]
         angles = positions[..., None].astype(jnp.float32) * rope_frequencies(self.cfg)  # [B, T, H/2]
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         stacked = {name: p[name] for name in self.stacked}
 
-        def body(x, layer):
-            lp, k_c, v_c = layer
-            x, k_c, v_c = block(lp, x, positions, k_c, v_c, cos, sin, self.cfg, self.kv_repeat, kv_len)
-            return x, (k_c, v_c)
+        def layer_step(carry, layer):
+            x, cache = carry
+            lp, i = layer
+            return block(lp, x, positions, cache, i, cos, sin, self.cfg, self.kv_repeat, kv_len), None
 
-        x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+        if isinstance(stacked["wq"], (list, tuple)):
+            # Unrolled: one array per layer (see unstack), so no layer's weights are sliced out of a stack.
+            for i in range(self.cfg.num_layers):
+                (x, cache), _ = layer_step((x, cache), ({k: v[i] for k, v in stacked.items()}, i))
+        else:
+            (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (stacked, jnp.arange(self.cfg.num_layers)))
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
         x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)
         head = p["embed"].T if self.cfg.tie_word_embeddings else p["lm_head"]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-        return logits, KVCache(k, v)
+        return logits, cache

@@ -1,6 +1,7 @@
 """Sharding as the design promises it, read from the compiled HLO and the placed arrays."""
 
 import numpy as np
+import pytest
 
 import jaxinfer
 from jaxinfer import hlo, steps
@@ -16,16 +17,23 @@ def _decode_hlo(llm, batch=1, cache_len=64, n_steps=1):
     return lowered.compile().as_text()
 
 
-def test_decode_has_two_all_reduces_per_layer_and_gathers_no_weights(tiny_dir):
-    llm = jaxinfer.LLM(str(tiny_dir("llama3")), tp=4)
+@pytest.mark.parametrize("unroll", [False, True])
+def test_decode_has_two_all_reduces_per_layer_and_gathers_no_weights(tiny_dir, unroll):
+    llm = jaxinfer.LLM(str(tiny_dir("llama3")), tp=4, unroll_layers=unroll)
     cfg = llm.config
     text = _decode_hlo(llm)
     ops = hlo.collectives(text)
-    layer_bodies = [b for b, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    in_layer = [c for c in ops if c.computation in layer_bodies]
-    assert [c.kind for c in in_layer] == ["all-reduce", "all-reduce"]
-    assert all(c.bytes == 1 * cfg.hidden_size * 4 for c in in_layer)  # [B, 1, D] fp32
-    outside = [c for c in ops if c.computation not in layer_bodies]
+    activation = 1 * cfg.hidden_size * 4  # [B, 1, D] fp32
+    if unroll:
+        in_layer = [c for c in ops if c.kind == "all-reduce" and c.bytes == activation]
+        assert len(in_layer) == 2 * cfg.num_layers + 1  # and one for the vocab-sharded embedding lookup
+        outside = [c for c in ops if c not in in_layer]
+    else:
+        layer_bodies = [b for b, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+        in_layer = [c for c in ops if c.computation in layer_bodies]
+        assert [c.kind for c in in_layer] == ["all-reduce", "all-reduce"]
+        assert all(c.bytes == activation for c in in_layer)
+        outside = [c for c in ops if c.computation not in layer_bodies]
     assert len(outside) <= 8  # embedding lookup, vocab-sharded argmax and logprob
     smallest_weight = cfg.hidden_size * cfg.head_dim  # any weight matrix has at least this many elements
     assert all(c.bytes < smallest_weight for c in ops if c.kind == "all-gather")
