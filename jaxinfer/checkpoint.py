@@ -215,43 +215,50 @@ def _flat_range(index: tuple[slice, ...], shape: tuple[int, ...]) -> slice:
     return slice(bounds[j][0] * stride, bounds[j][1] * stride)
 
 
-def read_shard(w: llama.Weight, tensor, index: tuple[slice, ...]) -> np.ndarray:
-    """The piece `index` of one layer's parameter `w` (shape without `layers`) from an HF tensor."""
-    shape = w.shape[1:] if w.axes[0] == "layers" else w.shape
+def read_shard(w: llama.Weight, read: Callable[[str], Any], layer: int, index: tuple[slice, ...]) -> np.ndarray:
+    """The piece `index` (per-layer coordinates) of parameter `w` in `layer`, from HF-named tensors."""
+    if w.fused is not None:
+        a = w.fused
+        rest = index[:a] + index[a + 1 :]
+        return np.stack([read_shard(w.part(hf), read, layer, rest) for hf in w.hf[index[a]]], axis=a)
+    tensor = read(w.hf.format(i=layer))
+    shape = w.layer_shape
     sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
     if w.linear:  # HF [out, in] -> ours [in..., out...]
         rows = _flat_range(index[w.n_in :], shape[w.n_in :])
         cols = _flat_range(index[: w.n_in], shape[: w.n_in])
         return np.asarray(tensor[rows, cols]).T.reshape(sizes)
-    if len(shape) == len(getattr(tensor, "shape", None) or tensor.get_shape()):
+    if len(shape) == len(_shape(tensor)):
         return np.asarray(tensor[index])
     return np.asarray(tensor[_flat_range(index, shape)]).reshape(sizes)
 
 
-def _check_shape(w: llama.Weight, name: str, tensor) -> None:
-    shape = tuple(getattr(tensor, "shape", None) or tensor.get_shape())
-    layer_shape = w.shape[1:] if w.axes[0] == "layers" else w.shape
-    if math.prod(shape) != math.prod(layer_shape):
-        raise JaxinferError(f"tensor {name!r} has shape {shape}; the config implies {layer_shape}")
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape if hasattr(tensor, "shape") else tensor.get_shape())
 
 
-def place(source: Source, mesh: Mesh, rules: dict, dtype, kv_repeat: int = 1) -> dict[str, jax.Array]:
+def _check_shapes(w: llama.Weight, read: Callable[[str], Any]) -> None:
+    for part in [w.part(hf) for hf in w.hf] if w.fused is not None else [w]:
+        name = part.hf.format(i=0)
+        shape = _shape(read(name))
+        if math.prod(shape) != math.prod(part.layer_shape):
+            raise JaxinferError(f"tensor {name!r} has shape {shape}; the config implies {part.layer_shape}")
+
+
+def place(source: Source, mesh: Mesh, rules: dict, dtype) -> dict[str, jax.Array]:
     """Every parameter of the model as a sharded device array, read shard by shard."""
     params = {}
     spec = llama.weights(source.config)
     t0 = time.perf_counter()
     for n, (name, w) in enumerate(spec.items()):
         sh = sharding.named(mesh, w.axes, rules)
-        stacked = w.axes[0] == "layers"
-        names = [w.hf.format(i=i) for i in range(w.shape[0])] if stacked else [w.hf]
-        for hf_name in names[:1]:
-            _check_shape(w, hf_name, source.read(hf_name))
+        _check_shapes(w, source.read)
 
-        def callback(index, w=w, names=names, stacked=stacked):
-            if not stacked:
-                return read_shard(w, source.read(names[0]), index).astype(dtype)
+        def callback(index, w=w):
+            if not w.stacked:
+                return read_shard(w, source.read, 0, index).astype(dtype)
             layers = range(*index[0].indices(w.shape[0]))
-            return np.stack([read_shard(w, source.read(names[i]), index[1:]) for i in layers]).astype(dtype)
+            return np.stack([read_shard(w, source.read, i, index[1:]) for i in layers]).astype(dtype)
 
         params[name] = jax.make_array_from_callback(w.shape, sh, callback)
         log.info("loaded %-10s %-22s %s (%d/%d)", name, str(w.shape), sh.spec, n + 1, len(spec))

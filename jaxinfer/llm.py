@@ -89,11 +89,11 @@ class Setup:
 
     @property
     def stacked(self) -> set[str]:
-        return {name for name, w in llama.weights(self.config).items() if w.axes[0] == "layers"}
+        return {name for name, w in llama.weights(self.config).items() if w.stacked}
 
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         cfg = self.config
-        return (cfg.num_layers, batch, length, self.cache_kv_heads, cfg.head_dim)
+        return (cfg.num_layers, batch, self.cache_kv_heads, length, cfg.head_dim)
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A host batch [B, ...] onto the mesh, split over the batch axis."""

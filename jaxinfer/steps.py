@@ -42,7 +42,7 @@ def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
 def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, greedy_only):
     """`n_steps` decode steps in one program: tokens [B] sit at positions [B]; returns the next
     n_steps tokens and logprobs [B, n_steps] and the cache."""
-    kv_len = cache.k.shape[2]
+    kv_len = cache.k.shape[3]
 
     def step(carry, _):
         tok, pos, cache = carry

@@ -26,15 +26,36 @@ class Weight:
 
     `hf` names the checkpoint tensor ({i} is the layer). A `linear` weight is stored by Hugging Face as
     [out, in] and here as [in..., out...] with `n_in` leading input dimensions; other weights keep their
-    element order and are only reshaped.
+    element order and are only reshaped. A `fused` weight stacks several checkpoint tensors (`hf` is then
+    a tuple) along that axis of the per-layer shape, so that one matmul computes them all.
     """
 
     shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    hf: str
+    axes: tuple[str | None, ...]
+    hf: str | tuple[str, ...]
     linear: bool = False
     n_in: int = 1
     init: str = "normal"  # or "ones" for norm scales, "zeros" for biases
+    fused: int | None = None
+
+    @property
+    def stacked(self) -> bool:
+        return self.axes[0] == "layers"
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.stacked else self.shape
+
+    def part(self, hf: str) -> Weight:
+        """One checkpoint tensor of a fused weight, as an unfused weight of its own."""
+        drop = self.fused + self.stacked
+        return dataclasses.replace(
+            self,
+            shape=self.shape[:drop] + self.shape[drop + 1 :],
+            axes=self.axes[:drop] + self.axes[drop + 1 :],
+            hf=hf,
+            fused=None,
+        )
 
 
 def weights(cfg: ModelConfig) -> dict[str, Weight]:
@@ -47,18 +68,33 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
         "final_norm": Weight((d,), ("embed",), "model.norm.weight", init="ones"),
         "attn_norm": Weight((n, d), ("layers", "embed"), a + "input_layernorm.weight", init="ones"),
         "wq": Weight((n, d, h, hd), ("layers", "embed", "q_heads", "head_dim"), a + "self_attn.q_proj.weight", True),
-        "wk": Weight((n, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"), a + "self_attn.k_proj.weight", True),
-        "wv": Weight((n, d, k, hd), ("layers", "embed", "kv_heads", "head_dim"), a + "self_attn.v_proj.weight", True),
+        "wkv": Weight(
+            (n, d, 2, k, hd),
+            ("layers", "embed", None, "kv_heads", "head_dim"),
+            (a + "self_attn.k_proj.weight", a + "self_attn.v_proj.weight"),
+            True,
+            fused=1,
+        ),
         "wo": Weight((n, h, hd, d), ("layers", "q_heads", "head_dim", "embed"), a + "self_attn.o_proj.weight", True, 2),
         "mlp_norm": Weight((n, d), ("layers", "embed"), a + "post_attention_layernorm.weight", init="ones"),
-        "w_gate": Weight((n, d, f), ("layers", "embed", "mlp"), a + "mlp.gate_proj.weight", True),
-        "w_up": Weight((n, d, f), ("layers", "embed", "mlp"), a + "mlp.up_proj.weight", True),
+        "w_gate_up": Weight(
+            (n, d, 2, f),
+            ("layers", "embed", None, "mlp"),
+            (a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight"),
+            True,
+            fused=1,
+        ),
         "w_down": Weight((n, f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True),
     }
     if cfg.qkv_bias:
         w["bq"] = Weight((n, h, hd), ("layers", "q_heads", "head_dim"), a + "self_attn.q_proj.bias", init="zeros")
-        w["bk"] = Weight((n, k, hd), ("layers", "kv_heads", "head_dim"), a + "self_attn.k_proj.bias", init="zeros")
-        w["bv"] = Weight((n, k, hd), ("layers", "kv_heads", "head_dim"), a + "self_attn.v_proj.bias", init="zeros")
+        w["bkv"] = Weight(
+            (n, 2, k, hd),
+            ("layers", None, "kv_heads", "head_dim"),
+            (a + "self_attn.k_proj.bias", a + "self_attn.v_proj.bias"),
+            init="zeros",
+            fused=0,
+        )
     if cfg.qk_norm:
         w["q_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.q_norm.weight", init="ones")
         w["k_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.k_norm.weight", init="ones")
@@ -87,13 +123,14 @@ GGUF_NAMES = {
 
 
 class KVCache(NamedTuple):
-    """Contiguous cache, k and v each [layers, batch, cache_seq, cache_heads, head_dim]."""
+    """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim]: each head's keys
+    are contiguous, so attention contracts them without a transpose."""
 
     k: jax.Array
     v: jax.Array
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "cache_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
 
 
 def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:
@@ -136,20 +173,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q, k, v, q_pos, sliding_window):
-    """q [B, T, N, H] against the cache k/v [B, S, K, H]; key s is visible to a query at position p
-    when s <= p (and p - s < window)."""
+    """q [B, T, N, H] against one layer's cache k/v [B, K, S, H]; key s is visible to a query at position
+    p when s <= p (and p - s < window)."""
     b, t, n, hd = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    key_pos = jnp.arange(k.shape[1])
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    key_pos = jnp.arange(k.shape[2])
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if sliding_window:
         visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, hd)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
 
 
 def block(p: dict, x, q_pos, cache: KVCache, layer, cos, sin, cfg: ModelConfig, kv_repeat: int, kv_len: int):
@@ -159,26 +196,29 @@ def block(p: dict, x, q_pos, cache: KVCache, layer, cos, sin, cfg: ModelConfig, 
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
         q = jnp.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
-        k = jnp.einsum("btd,dkh->btkh", h, p["wk"])  # [B, T, D] -> [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+        kv = jnp.einsum("btd,dckh->btckh", h, p["wkv"])  # [B, T, D] -> [B, T, 2, K, H]
         if cfg.qkv_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q, kv = q + p["bq"], kv + p["bkv"]
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_repeat > 1:
             k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
         rows = jnp.arange(x.shape[0])[:, None]
+        # [B, T, K, H] into [layer, B, K, S, H] at each row's positions (advanced indices go first)
         cache = KVCache(
-            *(c.at[layer, rows, q_pos].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (k, v)))
+            *(c.at[layer, rows, :, q_pos].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (k, v)))
         )
-        k_l, v_l = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :kv_len] for c in cache)
+        k_l, v_l = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :kv_len] for c in cache)
         o = attention(q, k_l, v_l, q_pos, cfg.sliding_window)
-        x = x + jnp.einsum("btnh,nhd->btd", o, p["wo"])  # [B, T, N, H] -> [B, T, D]
+        # As one [B, T, N*H] x [N*H, D] matmul: an einsum over (n, h) made XLA:CPU transpose wo each step.
+        wo = p["wo"].reshape(-1, p["wo"].shape[-1])
+        x = x + jnp.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
-        gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, D] -> [B, T, F]
-        up = jnp.einsum("btd,df->btf", h, p["w_up"])
+        gate_up = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
 
@@ -197,7 +237,7 @@ class Llama(nnx.Module):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         spec = weights(cfg)
-        self.stacked = tuple(name for name, w in spec.items() if w.axes[0] == "layers")
+        self.stacked = tuple(name for name, w in spec.items() if w.stacked)
         self.params = nnx.Dict(
             {
                 name: nnx.Param(INITS[w.init](rngs.params(), w.shape, dtype), logical_axes=w.axes)

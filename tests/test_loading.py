@@ -67,8 +67,8 @@ def test_loading_reads_only_each_devices_shard(tiny_dir, monkeypatch):
     reads = []
     original = checkpoint.read_shard
 
-    def spy(w, tensor, index):
-        out = original(w, tensor, index)
+    def spy(w, read, layer, index):
+        out = original(w, read, layer, index)
         reads.append((w.hf, out.size))
         return out
 

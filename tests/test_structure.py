@@ -53,5 +53,5 @@ def test_kv_heads_fewer_than_tp_are_replicated_per_shard(tiny_dir):
     llm = jaxinfer.LLM(str(tiny_dir("smollm2")), tp=4)  # 2 kv heads on tp=4
     assert llm.cache_kv_heads == 4
     cache = llm._cache(1, 32)
-    assert {s.data.shape[3] for s in cache.k.addressable_shards} == {1}
-    assert llm.params["wk"].sharding.spec[2] is None
+    assert {s.data.shape[2] for s in cache.k.addressable_shards} == {1}
+    assert llm.params["wkv"].sharding.spec[3] is None  # [layers, embed, 2, kv_heads, head_dim]
