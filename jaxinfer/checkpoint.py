@@ -160,7 +160,7 @@ def open_gguf(path: Path) -> Source:
     unpermute = meta["general.architecture"] in ("llama", "mistral")
 
     def read(hf_name: str):
-        name = _gguf_name(hf_name)
+        name = gguf_name(hf_name)
         if name not in tensors:
             raise JaxinferError(f"tensor {name!r} (for {hf_name}) is missing from {path}")
         t = tensors[name]
@@ -174,7 +174,8 @@ def open_gguf(path: Path) -> Source:
     return Source("gguf", path, cfg, tokenizer_lib.from_gguf_metadata(meta), read=_lru(read, cfg.num_layers))
 
 
-def _gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str) -> str:
+    """The llama.cpp name of a Hugging Face tensor name."""
     if hf_name in llama.GGUF_NAMES:
         return llama.GGUF_NAMES[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.<piece>.weight

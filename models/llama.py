@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
+from models.kv_cache import CACHE_AXES, KVCache, PagedKVCache  # noqa: F401  (CACHE_AXES re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +122,6 @@ GGUF_NAMES = {
 }
 
 
-class KVCache(NamedTuple):
-    """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim]: each head's keys
-    are contiguous, so attention contracts them without a transpose."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
-
-
 def cache_kv_heads(cfg: ModelConfig, tp: int) -> int:
     """KV heads as stored in the cache: with fewer kv heads than tp each is repeated so every tp shard
     holds exactly the one its query heads read."""
@@ -172,24 +161,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, q_pos, sliding_window):
-    """q [B, T, N, H] against one layer's cache k/v [B, K, S, H]; key s is visible to a query at position
-    p when s <= p (and p - s < window)."""
-    b, t, n, hd = q.shape
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    key_pos = jnp.arange(k.shape[2])
-    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    if sliding_window:
-        visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
-
-
-def block(p: dict, x, q_pos, cache: KVCache, layer, cos, sin, cfg: ModelConfig, kv_repeat: int, kv_len: int):
+def block(
+    p: dict,
+    x,
+    q_pos,
+    cache: KVCache | PagedKVCache,
+    layer,
+    cos,
+    sin,
+    cfg: ModelConfig,
+    kv_repeat: int,
+    kv_len: int,
+    kernel=None,
+):
     """Decoder layer `layer` on its parameters `p`; writes this step's keys/values into the whole cache
     in place (a loop carry) and attends to that layer's first `kv_len` positions."""
     eps = cfg.rms_norm_eps
@@ -205,13 +189,8 @@ def block(p: dict, x, q_pos, cache: KVCache, layer, cos, sin, cfg: ModelConfig, 
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_repeat > 1:
             k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
-        rows = jnp.arange(x.shape[0])[:, None]
-        # [B, T, K, H] into [layer, B, K, S, H] at each row's positions (advanced indices go first)
-        cache = KVCache(
-            *(c.at[layer, rows, :, q_pos].set(new.astype(c.dtype), mode="drop") for c, new in zip(cache, (k, v)))
-        )
-        k_l, v_l = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :kv_len] for c in cache)
-        o = attention(q, k_l, v_l, q_pos, cfg.sliding_window)
+        cache = cache.update(layer, k, v, q_pos)
+        o = cache.attend(layer, q, q_pos, kv_len, cfg.sliding_window, kernel)
         # As one [B, T, N*H] x [N*H, D] matmul: an einsum over (n, h) made XLA:CPU transpose wo each step.
         wo = p["wo"].reshape(-1, p["wo"].shape[-1])
         x = x + jnp.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
@@ -233,9 +212,12 @@ INITS = {
 class Llama(nnx.Module):
     """Parameters live in `self.params` (an nnx.Dict of Params carrying `logical_axes` metadata)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, kv_repeat: int = 1, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype=jnp.float32, kv_repeat: int = 1, rngs: nnx.Rngs, attention_kernel=None
+    ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
+        self.attention_kernel = attention_kernel  # decode attention over pages; None: the XLA path
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
         self.params = nnx.Dict(
@@ -245,7 +227,7 @@ class Llama(nnx.Module):
             }
         )
 
-    def __call__(self, tokens, positions, cache: KVCache, *, kv_len: int, logit_index=None):
+    def __call__(self, tokens, positions, cache: KVCache | PagedKVCache, *, kv_len: int = 0, logit_index=None):
         """tokens/positions [B, T]; returns (fp32 logits [B, T or 1, V], updated cache).
 
         With `logit_index` [B], only the hidden state at that index of each row reaches the head.
@@ -259,7 +241,8 @@ class Llama(nnx.Module):
         def layer_step(carry, layer):
             x, cache = carry
             lp, i = layer
-            return block(lp, x, positions, cache, i, cos, sin, self.cfg, self.kv_repeat, kv_len), None
+            out = block(lp, x, positions, cache, i, cos, sin, self.cfg, self.kv_repeat, kv_len, self.attention_kernel)
+            return out, None
 
         if isinstance(stacked["wq"], (list, tuple)):
             # Unrolled: one array per layer (see unstack), so no layer's weights are sliced out of a stack.

@@ -13,7 +13,7 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4], ids=lambda tp: f"tp{tp}")
 @pytest.mark.parametrize("arch", sorted(tiny.ARCHS))
 def test_logits_equal_transformers(tiny_dir, arch, tp):
     path = tiny_dir(arch)

@@ -132,6 +132,8 @@ def write_gguf(hf_dir: Path, path: Path) -> Path:
     import gguf
     from safetensors.numpy import load_file
 
+    from jaxinfer import checkpoint
+
     cfg = json.loads((hf_dir / "config.json").read_text())
     tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -150,29 +152,8 @@ def write_gguf(hf_dir: Path, path: Path) -> Path:
     def permute(x, n):
         return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    pieces = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
     for hf_name, x in tensors.items():
-        if hf_name in names:
-            name = names[hf_name]
-        else:
-            _, _, layer, rest = hf_name.split(".", 3)
-            piece, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{pieces[piece]}.{kind}"
+        name = checkpoint.gguf_name(hf_name)
         if name.endswith("attn_q.weight"):
             x = permute(x, heads)
         elif name.endswith("attn_k.weight"):
