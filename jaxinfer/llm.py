@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from jaxinfer import checkpoint, sharding, steps
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.sampling import SamplingParams
-from models import llama
+from models import kv_cache, llama
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Completion:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -94,6 +95,45 @@ class Setup:
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         cfg = self.config
         return (cfg.num_layers, batch, self.cache_kv_heads, length, cfg.head_dim)
+
+    def page_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.num_layers, num_pages, page_size, self.cache_kv_heads, cfg.head_dim)
+
+    def shard_shape(self, shape: tuple[int, ...], axes) -> tuple[int, ...]:
+        return sharding.named(self.mesh, axes, self.rules).shard_shape(shape)
+
+    def page_bytes(self, num_pages: int, page_size: int) -> int:
+        """Bytes of k and v pages on one device."""
+        shard = self.shard_shape(self.page_shape(num_pages, page_size), kv_cache.PAGE_AXES)
+        return 2 * int(np.prod(shard)) * np.dtype(self.dtype).itemsize
+
+    def paged_cache(self, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+        sh = sharding.named(self.mesh, kv_cache.PAGE_AXES, self.rules)
+        return tuple(steps.init_cache(self.page_shape(num_pages, page_size), self.dtype, sh))
+
+    def attention_kernel(self, kind: str):
+        """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA
+        path. kind: "pallas" (compiled), "interpret" (Pallas interpret mode, for CPU tests), "xla", or
+        "auto" (pallas on GPU, xla elsewhere, where the kernel cannot compile)."""
+        if kind == "auto":
+            kind = "pallas" if jax.default_backend() == "gpu" else "xla"
+        if kind not in ("pallas", "interpret", "xla"):
+            raise JaxinferError(f"attention={kind!r}; use auto, pallas, interpret or xla")
+        if kind == "xla":
+            return None
+        from pallas_kernels.paged_attention import paged_attention
+
+        r = self.rules
+        q = P(r["batch"], r["q_heads"], None)
+        pages = P(None, None, r["cache_heads"], None)
+        return jax.shard_map(
+            functools.partial(paged_attention, interpret=kind == "interpret"),
+            mesh=self.mesh,
+            in_specs=(q, pages, pages, P(r["batch"]), P(r["batch"], None)),
+            out_specs=q,
+            check_vma=False,
+        )
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A host batch [B, ...] onto the mesh, split over the batch axis."""
@@ -184,6 +224,11 @@ class LLM:
     dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
     unroll_layers: loop over layers in Python instead of `lax.scan` (default: on CPU only).
+    Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
+    (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
+    after the weights holds, at most what max_num_seqs full-length sequences need), prefill_chunk
+    prompt tokens per prefill step (128), attention "auto" | "pallas" | "interpret" | "xla" (auto:
+    the Pallas kernel on GPU, the XLA path elsewhere).
     """
 
     def __init__(
@@ -199,8 +244,19 @@ class LLM:
         max_seq_len: int | None = None,
         random_weights: bool = False,
         unroll_layers: bool | None = None,
+        max_num_seqs: int | None = None,
+        page_size: int | None = None,
+        num_pages: int | None = None,
+        prefill_chunk: int | None = None,
+        attention: str = "auto",
     ):
         t0 = time.perf_counter()
+        engine_sizes = dict(
+            max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages, prefill_chunk=prefill_chunk
+        )
+        for name, value in engine_sizes.items():
+            if value is not None and (not isinstance(value, int) or value < 1 + (name == "num_pages")):
+                raise JaxinferError(f"{name}={value!r} must be a positive integer (num_pages: at least 2)")
         setup = prepare(model, dict(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp), mesh, dtype, max_seq_len, random_weights)
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
@@ -222,6 +278,14 @@ class LLM:
             unroll_layers = jax.default_backend() == "cpu"
         self.unroll_layers = unroll_layers
         self.state = setup.state_with(params, unroll=unroll_layers)
+        self.engine_options = dict(
+            max_num_seqs=16 if max_num_seqs is None else max_num_seqs,
+            page_size=16 if page_size is None else page_size,
+            num_pages=num_pages,
+            prefill_chunk=128 if prefill_chunk is None else prefill_chunk,
+            attention=attention,
+        )
+        self._engine = None
         log.info("loaded %s on mesh %s in %.1fs", model, dict(self.mesh.shape), time.perf_counter() - t0)
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -265,11 +329,79 @@ class LLM:
 
     # --- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams | None = None, chat: bool = False) -> list[Completion]:
-        """One Completion per prompt (a str, a list of str, or a list of token-id lists)."""
+    @property
+    def engine(self):
+        """The serving engine (created on first use), shared by generate, generate_stream and AsyncLLM."""
+        if self._engine is None:
+            from jaxinfer.engine import Engine
+
+            self._engine = Engine(self, **self.engine_options)
+        return self._engine
+
+    def graphdef_for(self, attention: str):
+        """The model graph with the paged decode-attention implementation `attention` plugged in."""
+        kernel = self.setup.attention_kernel(attention)
+        if kernel is None:
+            return self.graphdef
+        cfg = self.config
+        model = nnx.eval_shape(
+            lambda: llama.Llama(
+                cfg,
+                dtype=self.dtype,
+                kv_repeat=self.cache_kv_heads // cfg.num_kv_heads,
+                rngs=nnx.Rngs(0),
+                attention_kernel=kernel,
+            )
+        )
+        return nnx.split(model)[0]
+
+    def _params_list(self, params, n: int) -> list[SamplingParams]:
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise JaxinferError(f"params must be a jaxinfer.SamplingParams, got {type(params).__name__}")
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        if len(plist) != n:
+            raise JaxinferError(f"got {len(plist)} SamplingParams for {n} prompts; give one, or one per prompt")
+        for p in plist:
+            if not isinstance(p, SamplingParams):
+                raise JaxinferError(f"params must be jaxinfer.SamplingParams, got {type(p).__name__}")
+        return plist
+
+    def generate(self, prompts, params=None, chat: bool = False) -> list[Completion]:
+        """One Completion per prompt (a str, a list of str, or a list of token-id lists), run on the
+        serving engine. `params`: one SamplingParams for all prompts, or a list with one per prompt."""
+        prompt_ids = self._prompt_ids(prompts, chat)
+        plist = self._params_list(params, len(prompt_ids))
+        engine = self.engine
+        reqs = [engine.add(ids, p) for ids, p in zip(prompt_ids, plist)]
+        while any(not r.row.done for r in reqs):
+            engine.step()
+        return [_Stops(self, r.params).completion(r.row) for r in reqs]
+
+    def generate_stream(self, prompt, params: SamplingParams | None = None, chat: bool = False):
+        """Yields StreamChunk(text, token_ids, finish_reason) pieces for one prompt as they are made;
+        other requests submitted meanwhile share the engine's steps."""
+        ids = self._prompt_ids(prompt if isinstance(prompt, str) else [prompt], chat)[0]
+        params = self._params_list(params, 1)[0]
+        engine = self.engine
+        req = engine.add(ids, params)
+        stops, sent_ids, sent_text = _Stops(self, params), 0, ""
+        try:
+            while True:
+                if not req.row.done:
+                    engine.step()
+                text = stops.completion(req.row).text if self.tokenizer else ""
+                done = req.row.done
+                if len(req.row.ids) > sent_ids or done:
+                    yield StreamChunk(text[len(sent_text) :], req.row.ids[sent_ids:], req.row.finish if done else None)
+                    sent_ids, sent_text = len(req.row.ids), text
+                if done:
+                    return
+        finally:
+            if not req.row.done:
+                engine.cancel(req)
+
+    def generate_static(self, prompts, params: SamplingParams | None = None, chat: bool = False) -> list[Completion]:
+        """The plain path: one right-padded batch, a contiguous cache, no engine (for comparison)."""
+        params = self._params_list(params, 1)[0]
         prompt_ids = self._prompt_ids(prompts, chat)
         n = len(prompt_ids)
         lengths = np.array([len(p) for p in prompt_ids], np.int32)
@@ -338,6 +470,13 @@ class LLM:
             cache_sharding=self.setup.cache_sharding,
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # new token ids since the previous chunk
+    finish_reason: str | None  # set on the last chunk
 
 
 @dataclasses.dataclass

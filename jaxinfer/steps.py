@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.sampling import sample
-from models.llama import KVCache
+from models.kv_cache import KVCache, PagedKVCache
 
 
-def forward(graphdef, state, tokens, positions, cache, *, kv_len, logit_index=None):
+def forward(graphdef, state, tokens, positions, cache, *, kv_len=0, logit_index=None):
     model = nnx.merge(graphdef, state)
     return model(tokens, positions, cache, kv_len=kv_len, logit_index=logit_index)
 
@@ -42,7 +42,7 @@ def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
 def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, greedy_only):
     """`n_steps` decode steps in one program: tokens [B] sit at positions [B]; returns the next
     n_steps tokens and logprobs [B, n_steps] and the cache."""
-    kv_len = cache.k.shape[3]
+    kv_len = cache.k.shape[3] if isinstance(cache, KVCache) else 0  # the paged cache reads its block tables
 
     def step(carry, _):
         tok, pos, cache = carry
@@ -52,6 +52,14 @@ def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, gree
 
     (_, _, cache), (toks, logprobs) = jax.lax.scan(step, (tokens, positions, cache), length=n_steps)
     return toks.T, logprobs.T, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
+def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions):
+    """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v."""
+    cache = PagedKVCache(k, v, block_tables, valid)
+    _, cache = forward(graphdef, state, tokens, positions, cache, logit_index=jnp.zeros(tokens.shape[:1], jnp.int32))
+    return cache.k, cache.v
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_shape", "cache_sharding"))

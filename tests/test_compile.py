@@ -1,4 +1,5 @@
-"""Every step is compiled once per shape bucket: after warm-up, nothing recompiles."""
+"""The static path compiles once per shape bucket: after warm-up, nothing recompiles (the engine's
+own check is in test_engine.py)."""
 
 import jaxinfer
 from jaxinfer import steps
@@ -21,8 +22,8 @@ def test_no_recompilation_after_warm_up(tiny_dir):
         ([IDS[:20] + IDS[:5], IDS[:4], IDS[:9]], sampled),
     ]
     for prompts, params in workloads:
-        llm.generate(prompts, params)
+        llm.generate_static(prompts, params)
     warm = _compiles()
     for prompts, params in workloads:  # other lengths and batch sizes inside the same buckets
-        llm.generate([p[1:] for p in prompts] + [IDS[:6]] * (len(prompts) > 1), params)
+        llm.generate_static([p[1:] for p in prompts] + [IDS[:6]] * (len(prompts) > 1), params)
     assert _compiles() == warm
