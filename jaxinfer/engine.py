@@ -137,8 +137,7 @@ class Engine:
         self.page_size = page_size
         self.chunk = prefill_chunk
         self.decode_steps = decode_steps
-        self.max_pages_per_seq = -(-llm.max_seq_len // page_size)
-        needed = max_num_seqs * self.max_pages_per_seq + 1
+        needed = max_num_seqs * -(-llm.max_seq_len // page_size) + 1
         self.num_pages = num_pages or default_num_pages(llm, page_size, memory_fraction, needed)
         log.info(
             "paged KV cache: %d pages of %d tokens (%.1f MiB per device)",
@@ -304,7 +303,8 @@ class Engine:
         if not ready:
             return []
         # Slots fill lowest first; compile for a power of two of the slots in use, not all of them.
-        s = min(self.slots, _pow2(max(r.slot for r in ready) + 1))
+        dp = self.llm.mesh.shape["dp"]  # the batch splits over dp: keep it a multiple
+        s = dp * _pow2(-(-min(self.slots, _pow2(max(r.slot for r in ready) + 1)) // dp))
         tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
         valid = np.zeros((s, 1), bool)
         temperature, top_k = np.zeros(s, np.float32), np.zeros(s, np.int32)
@@ -343,6 +343,45 @@ class Engine:
             self.running.remove(r)
             self._release(r)
         return finished
+
+    def warmup(self) -> int:
+        """Compiles every prefill-chunk and decode shape this engine can meet, ahead of traffic, with
+        inputs that only touch the null page. Returns the number of shapes."""
+        widths = [1 << i for i in range((-(-self.llm.max_seq_len // self.page_size) - 1).bit_length() + 1)]
+        dp = self.llm.mesh.shape["dp"]
+        slots = sorted({dp * _pow2(-(-min(self.slots, 1 << i) // dp)) for i in range(self.slots.bit_length() + 1)})
+        sizes = sorted({min(self.chunk, max(16, 1 << i)) for i in range(self.chunk.bit_length() + 1)})
+        put, zeros = self.llm.setup.put, np.zeros
+        for size in sizes:
+            for w in widths:
+                self.cache_k, self.cache_v = steps.prefill_chunk(
+                    self.graphdef,
+                    self.llm.state,
+                    self.cache_k,
+                    self.cache_v,
+                    zeros((1, w), np.int32),
+                    zeros((1, size), bool),
+                    zeros((1, size), np.int32),
+                    zeros((1, size), np.int32),
+                )
+        params = SamplingParams(temperature=0)
+        for s in slots:
+            sampling, _ = self.llm.setup.sampling_arrays(params, s, s)
+            for w in widths:
+                for greedy in (True, False):
+                    cache = PagedKVCache(self.cache_k, self.cache_v, zeros((s, w), np.int32), zeros((s, 1), bool))
+                    _, _, cache = steps.decode(
+                        self.graphdef,
+                        self.llm.state,
+                        cache,
+                        put(zeros(s, np.int32)),
+                        put(zeros(s, np.int32)),
+                        sampling,
+                        n_steps=self.decode_steps,
+                        greedy_only=greedy,
+                    )
+                    self.cache_k, self.cache_v = cache.k, cache.v
+        return len(sizes) * len(widths) + 2 * len(slots) * len(widths)
 
     def step(self) -> list[Request]:
         """One scheduling round; returns the requests that finished in it."""

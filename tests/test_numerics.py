@@ -65,5 +65,6 @@ def test_dp_tp_mesh_equals_single_device(tiny_dir):
     prompts = [IDS[:5], IDS[:9], IDS[3:7]]
     params = jaxinfer.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     one = jaxinfer.LLM(path).generate(prompts, params)
-    many = jaxinfer.LLM(path, dp=2, tp=4).generate(prompts, params)
-    assert [o.token_ids for o in many] == [o.token_ids for o in one]
+    many = jaxinfer.LLM(path, dp=2, tp=4)
+    assert [o.token_ids for o in many.generate(prompts, params)] == [o.token_ids for o in one]
+    assert many.generate(prompts[1:2], params)[0].token_ids == one[1].token_ids  # one request on two dp shards
