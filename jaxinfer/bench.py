@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import explain, steps
+from jaxinfer import explain, pipeline, steps
 from jaxinfer.llm import DECODE_CHUNK, LLM, buckets
 from jaxinfer.sampling import SamplingParams
 
@@ -123,6 +123,9 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
         "bytes_read_per_step": reads,
         "mbu": reads / median / peak,
         "roofline_tok_s": batch * peak / reads,
+        "bubble_fraction": pipeline.bubble_fraction(
+            llm.mesh.shape["pp"], pipeline.microbatch_count(b, llm.mesh.shape["pp"])
+        ),
     }
 
 
@@ -150,13 +153,14 @@ def format_table(r: dict) -> str:
     )
     lines = [
         head,
-        "| batch | TTFT ms | TPOT ms (median / p90) | decode tok/s | generate() tok/s | roofline tok/s | MBU |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | TTFT ms | TPOT ms (median / p90) | decode tok/s | generate() tok/s | roofline tok/s | MBU "
+        "| pipeline bubble |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["rows"]:
         lines.append(
             f"| {x['batch']} | {x['ttft_s'] * 1e3:.1f} | {x['tpot_median_s'] * 1e3:.2f} / "
             f"{x['tpot_p90_s'] * 1e3:.2f} | {x['decode_tok_s']:.1f} | {x['generate_tok_s']:.1f} | "
-            f"{x['roofline_tok_s']:.1f} | {x['mbu']:.0%} |"
+            f"{x['roofline_tok_s']:.1f} | {x['mbu']:.0%} | {x['bubble_fraction']:.0%} |"
         )
     return "\n".join(lines)

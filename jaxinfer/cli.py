@@ -37,6 +37,9 @@ flags.DEFINE_integer("prompt_len", 128, "explain/bench: prompt length in tokens.
 flags.DEFINE_integer("gen_len", 128, "explain/bench: new tokens per sequence (sizes the KV cache).")
 flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "bench: batch sizes to measure.")
 flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead of a table.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes form the mesh.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (0 prints the results).")
 
 USAGE = """usage: jaxinfer <command> [--flags]
 
@@ -69,14 +72,17 @@ def _llm():
 
 
 def cmd_generate() -> None:
+    import jax
+
     import jaxinfer
+    from jaxinfer import distributed
 
     params = jaxinfer.SamplingParams(
         max_tokens=FLAGS.max_tokens,
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
-        seed=FLAGS.seed,
+        seed=distributed.broadcast_seed(FLAGS.seed),
         stop=FLAGS.stop,
         ignore_eos=FLAGS.ignore_eos,
     )
@@ -92,8 +98,9 @@ def cmd_generate() -> None:
     dt = time.perf_counter() - t0
     n = sum(len(o.token_ids) for o in outs)
     logging.info("generated %d tokens in %.2fs (%.1f tok/s, compile included)", n, dt, n / dt)
-    for o in outs:
-        print(o.text if llm.tokenizer else " ".join(map(str, o.token_ids)), flush=True)
+    if jax.process_index() == 0:
+        for o in outs:
+            print(o.text if llm.tokenizer else " ".join(map(str, o.token_ids)), flush=True)
 
 
 def cmd_convert() -> None:
@@ -138,6 +145,7 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "explain": cmd_exp
 
 
 def main(argv: list[str]) -> int:
+    from jaxinfer import distributed
     from jaxinfer.errors import JaxinferError
 
     if len(argv) != 2 or argv[1] not in COMMANDS:
@@ -147,6 +155,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         COMMANDS[argv[1]]()
     except JaxinferError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -107,7 +107,7 @@ def _pow2(n: int) -> int:
 def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
     """Pages that fit in `fraction` of the memory one device has left after the weights (on CPU, of
     the host's available memory shared by the simulated devices), at most `needed`."""
-    dev = llm.mesh.devices.flat[0]
+    dev = next(d for d in llm.mesh.devices.flat if d.process_index == jax.process_index())
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

@@ -12,7 +12,7 @@ import math
 import jax
 import numpy as np
 
-from jaxinfer import hlo, steps
+from jaxinfer import hlo, pipeline, steps
 from jaxinfer.llm import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
 from models import llama
@@ -122,6 +122,18 @@ def explain(
         step["flops"] = matmul_flops(setup, tokens_in, kv_len, rows)
         step["arithmetic_intensity"] = step["flops"] / reads
         out["steps"][name] = step
+    stages = setup.mesh.shape["pp"]
+    if stages > 1:
+        micro = {name: pipeline.microbatch_count(rows, stages) for name in ("prefill", "decode")}
+        out["pipeline"] = {
+            "stages": stages,
+            "layers_per_stage": cfg.num_layers // stages,
+            "microbatches": micro,
+            "bubble_fraction": {k: pipeline.bubble_fraction(stages, m) for k, m in micro.items()},
+            "boundary_bytes_per_step": {
+                k: out["steps"][k]["collectives"].get("collective-permute", {}).get("bytes", 0) for k in micro
+            },
+        }
     return out
 
 
@@ -135,6 +147,13 @@ def format_report(r: dict) -> str:
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "
         f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB",
     ]
+    if "pipeline" in r:
+        p = r["pipeline"]
+        lines.append(
+            f"pipeline: {p['stages']} stages of {p['layers_per_stage']} layers; decode micro-batches "
+            f"{p['microbatches']['decode']}, bubble {p['bubble_fraction']['decode']:.0%}; bytes crossing stage "
+            f"boundaries per decode step {_size(p['boundary_bytes_per_step']['decode'])}"
+        )
     for name, s in r["steps"].items():
         lines.append(
             f"{name}: reads {s['bytes_read'] / gib:.3f} GiB, {s['flops'] / 1e9:.2f} GFLOP per device, "

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import checkpoint, sharding, steps
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
+from jaxinfer.pipeline import Pipeline
 from jaxinfer.sampling import SamplingParams
 from models import kv_cache, llama
 
@@ -79,6 +80,22 @@ class Setup:
     graphdef: nnx.GraphDef
     abstract: nnx.State  # parameters as ShapeDtypeStructs carrying their shardings
 
+    def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
+        """The abstract model (no weights made) split into graph and state."""
+        cfg = self.config
+        pipeline = Pipeline(self.mesh, self.mesh.shape["pp"]) if self.mesh.shape["pp"] > 1 else None
+        model = nnx.eval_shape(
+            lambda: llama.Llama(
+                cfg,
+                dtype=self.dtype,
+                kv_repeat=self.cache_kv_heads // cfg.num_kv_heads,
+                rngs=nnx.Rngs(0),
+                attention_kernel=attention_kernel,
+                pipeline=pipeline,
+            )
+        )
+        return nnx.split(model)
+
     def state_with(self, params: dict[str, jax.Array], unroll: bool = False) -> nnx.State:
         """The model state holding `params`; with `unroll`, each stacked parameter becomes a list of
         per-layer arrays and the forward pass loops over layers in Python instead of `lax.scan`."""
@@ -117,7 +134,7 @@ class Setup:
         path. kind: "pallas" (compiled), "interpret" (Pallas interpret mode, for CPU tests), "xla", or
         "auto" (pallas on GPU, xla elsewhere, where the kernel cannot compile)."""
         if kind == "auto":
-            kind = "pallas" if jax.default_backend() == "gpu" else "xla"
+            kind = "pallas" if jax.default_backend() == "gpu" and _kernel_compiles(self.dtype) else "xla"
         if kind not in ("pallas", "interpret", "xla"):
             raise JaxinferError(f"attention={kind!r}; use auto, pallas, interpret or xla")
         if kind == "xla":
@@ -156,6 +173,20 @@ class Setup:
     @property
     def cache_sharding(self) -> NamedSharding:
         return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
+
+
+def _kernel_compiles(dtype) -> bool:
+    """Whether the Pallas paged-attention kernel compiles and runs here (checked once, on a toy case)."""
+    from pallas_kernels.paged_attention import paged_attention
+
+    try:
+        q = jnp.zeros((1, 16, 64), dtype)
+        pages = jnp.zeros((2, 16, 1, 64), dtype)
+        paged_attention(q, pages, pages, jnp.ones(1, jnp.int32), jnp.ones((1, 1), jnp.int32)).block_until_ready()
+        return True
+    except Exception as e:  # any lowering or runtime failure: fall back to the XLA path
+        log.warning("Pallas paged attention unavailable here (%s: %s); using the XLA path", type(e).__name__, e)
+        return False
 
 
 def unstack(x: jax.Array) -> list[jax.Array]:
@@ -198,19 +229,19 @@ def prepare(
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dt = DTYPES[dtype]
+    if dtype == "bfloat16" and shape["pp"] > 1 and jax.default_backend() == "cpu":
+        # XLA:CPU aborts compiling bf16 pipeline stages ("Invalid binary instruction opcode copy").
+        raise JaxinferError("bfloat16 with pp > 1 does not compile on CPU; use dtype float32 there (bf16 on GPU)")
     kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
-    model_ = nnx.eval_shape(
-        lambda: llama.Llama(cfg, dtype=dt, kv_repeat=kv_heads // cfg.num_kv_heads, rngs=nnx.Rngs(0))
-    )
-    graphdef, abstract = nnx.split(model_)
+    setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
+    setup.graphdef, abstract = setup.build()
     shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
     for path, var in nnx.to_flat_state(abstract):
         v = var.get_value()
         var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[path[-1]]))
-    return Setup(
-        source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, graphdef, abstract
-    )
+    setup.abstract = abstract
+    return setup
 
 
 class LLM:
@@ -274,8 +305,11 @@ class LLM:
         self.params = params
         if unroll_layers is None:
             # XLA:CPU copies each layer's weights out of the stack inside a scan (measured: 1.5x slower
-            # decode at batch 16); elsewhere the scan keeps compile time flat in depth.
-            unroll_layers = jax.default_backend() == "cpu"
+            # decode at batch 16); elsewhere the scan keeps compile time flat in depth. Pipeline stages
+            # split the stack itself, so they always scan.
+            unroll_layers = jax.default_backend() == "cpu" and self.mesh.shape["pp"] == 1
+        if unroll_layers and self.mesh.shape["pp"] > 1:
+            raise JaxinferError("unroll_layers=True needs pp=1: pipeline stages split the stacked layers")
         self.unroll_layers = unroll_layers
         self.state = setup.state_with(params, unroll=unroll_layers)
         self.engine_options = dict(
@@ -343,17 +377,7 @@ class LLM:
         kernel = self.setup.attention_kernel(attention)
         if kernel is None:
             return self.graphdef
-        cfg = self.config
-        model = nnx.eval_shape(
-            lambda: llama.Llama(
-                cfg,
-                dtype=self.dtype,
-                kv_repeat=self.cache_kv_heads // cfg.num_kv_heads,
-                rngs=nnx.Rngs(0),
-                attention_kernel=kernel,
-            )
-        )
-        return nnx.split(model)[0]
+        return self.setup.build(kernel)[0]
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
         params = params or SamplingParams()

@@ -108,10 +108,17 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
     if cfg.vocab_size % tp:
         log.warning("vocab_size=%d is not divisible by tp=%d: vocabulary replicated", cfg.vocab_size, tp)
         rules["vocab"] = None
-    for axis in ("pp", "ep", "sp"):
+    pp = mesh.shape["pp"]
+    if cfg.num_layers % pp:
+        divisors = [d for d in range(1, cfg.num_layers + 1) if cfg.num_layers % d == 0]
+        raise JaxinferError(
+            f"num_hidden_layers={cfg.num_layers} is not divisible by pp={pp}; stages must hold equal layer "
+            f"counts: choose pp from {divisors}"
+        )
+    for axis in ("ep", "sp"):
         if mesh.shape[axis] > 1:
             raise JaxinferError(
-                f"{axis}={mesh.shape[axis]}: dense models are served with dp and tp today; set {axis}=1"
+                f"{axis}={mesh.shape[axis]}: dense models are served with dp, pp and tp today; set {axis}=1"
             )
     return rules
 

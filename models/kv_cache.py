@@ -44,6 +44,13 @@ class KVCache(NamedTuple):
         k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :kv_len] for c in self)
         return attention(q, k, v, q_pos, sliding_window)
 
+    def rows(self, start, size: int) -> KVCache:
+        """The cache of batch rows [start, start + size) (a pipeline micro-batch)."""
+        return KVCache(*(jax.lax.dynamic_slice_in_dim(c, start, size, axis=1) for c in self))
+
+    def put_rows(self, view: KVCache, start) -> KVCache:
+        return KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1) for c, w in zip(self, view)))
+
 
 CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
 PAGE_AXES = ("layers", None, None, "cache_heads", "head_dim")
@@ -75,3 +82,11 @@ class PagedKVCache(NamedTuple):
         # Gather each sequence's pages into a contiguous [B, K, S, H] view (the fallback path).
         k, v = (p[self.block_tables].reshape(b, -1, *p.shape[2:]).transpose(0, 2, 1, 3) for p in (k_pages, v_pages))
         return attention(q, k, v, q_pos, sliding_window)
+
+    def rows(self, start, size: int) -> PagedKVCache:
+        """Batch rows [start, start + size): their block tables; the pages are shared."""
+        tables, valid = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=0) for a in (self.block_tables, self.valid))
+        return self._replace(block_tables=tables, valid=valid)
+
+    def put_rows(self, view: PagedKVCache, start) -> PagedKVCache:
+        return self._replace(k=view.k, v=view.v)

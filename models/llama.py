@@ -9,6 +9,7 @@ of meshes: XLA derives the collectives from the shardings of the parameters and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -202,6 +203,26 @@ def block(
     return x, cache
 
 
+def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel):
+    """The layers in `stacked` (stacked arrays, or one array per layer), in order; `cache` holds just
+    those layers."""
+    first = stacked["wq"]
+    n = len(first) if isinstance(first, (list, tuple)) else first.shape[0]
+
+    def layer_step(carry, layer):
+        x, cache = carry
+        lp, i = layer
+        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel), None
+
+    if isinstance(first, (list, tuple)):
+        # Unrolled: one array per layer (see unstack), so no layer's weights are sliced out of a stack.
+        for i in range(n):
+            (x, cache), _ = layer_step((x, cache), ({k: v[i] for k, v in stacked.items()}, i))
+    else:
+        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (stacked, jnp.arange(n)))
+    return x, cache
+
+
 INITS = {
     "normal": lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype),
     "ones": lambda key, shape, dtype: jnp.ones(shape, dtype),
@@ -213,11 +234,19 @@ class Llama(nnx.Module):
     """Parameters live in `self.params` (an nnx.Dict of Params carrying `logical_axes` metadata)."""
 
     def __init__(
-        self, cfg: ModelConfig, *, dtype=jnp.float32, kv_repeat: int = 1, rngs: nnx.Rngs, attention_kernel=None
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        kv_repeat: int = 1,
+        rngs: nnx.Rngs,
+        attention_kernel=None,
+        pipeline=None,
     ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.attention_kernel = attention_kernel  # decode attention over pages; None: the XLA path
+        self.pipeline = pipeline  # jaxinfer.pipeline.Pipeline over pp stages, or None
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
         self.params = nnx.Dict(
@@ -237,19 +266,13 @@ class Llama(nnx.Module):
         angles = positions[..., None].astype(jnp.float32) * rope_frequencies(self.cfg)  # [B, T, H/2]
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         stacked = {name: p[name] for name in self.stacked}
-
-        def layer_step(carry, layer):
-            x, cache = carry
-            lp, i = layer
-            out = block(lp, x, positions, cache, i, cos, sin, self.cfg, self.kv_repeat, kv_len, self.attention_kernel)
-            return out, None
-
-        if isinstance(stacked["wq"], (list, tuple)):
-            # Unrolled: one array per layer (see unstack), so no layer's weights are sliced out of a stack.
-            for i in range(self.cfg.num_layers):
-                (x, cache), _ = layer_step((x, cache), ({k: v[i] for k, v in stacked.items()}, i))
+        run = functools.partial(
+            run_layers, cfg=self.cfg, kv_repeat=self.kv_repeat, kv_len=kv_len, kernel=self.attention_kernel
+        )
+        if self.pipeline is None:
+            x, cache = run(stacked, x, cache, positions, cos, sin)
         else:
-            (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (stacked, jnp.arange(self.cfg.num_layers)))
+            x, cache = self.pipeline(run, stacked, x, cache, positions, cos, sin)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
         x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)

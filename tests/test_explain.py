@@ -1,9 +1,10 @@
 """explain's figures against the compiled HLO and against a real load; bench's bookkeeping."""
 
 import numpy as np
+import pytest
 
 import jaxinfer
-from jaxinfer import bench, explain, hlo, steps
+from jaxinfer import JaxinferError, bench, explain, hlo, steps
 from jaxinfer.sampling import SamplingParams
 
 
@@ -71,3 +72,18 @@ def test_bench_reads_what_explain_says(tiny_dir):
             row["mbu"], row["bytes_read_per_step"] / row["tpot_median_s"] / (report["peak_bandwidth_gb_s"] * 1e9)
         )
     assert set(report["versions"]) == {"jax", "jaxlib", "flax", "orbax-checkpoint"}
+
+
+def test_pipeline_figures():
+    r = explain.explain("llama3-8b", dict(pp=4, tp=2), dtype="float32", batch=8, prompt_len=64)
+    p = r["pipeline"]
+    assert p["stages"] == 4 and p["layers_per_stage"] == 8
+    assert p["microbatches"]["decode"] == 4 and p["bubble_fraction"]["decode"] == 3 / 7
+    # every hand-over is one micro-batch's [2, 1, 4096] fp32 activations: no weights cross stages
+    assert p["boundary_bytes_per_step"]["decode"] == (4 + 4 - 2) * 2 * 4096 * 4
+    # each stage holds a quarter of the layers (split again over tp); embedding and head sit on every stage
+    vocab = 2 * 128256 * 4096 * 4
+    want = (r["total"]["param_bytes"] - vocab) / 8 + vocab / 2
+    assert abs(r["per_device"]["param_bytes"] - want) < 0.01 * want
+    with pytest.raises(JaxinferError, match=r"bfloat16 with pp > 1 does not compile on CPU"):
+        explain.explain("llama3-8b", dict(pp=2), dtype="bfloat16")
