@@ -296,13 +296,6 @@ class LLM:
         self.eos_token_ids = self.config.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.cache_kv_heads = setup.cache_kv_heads
         self.graphdef = setup.graphdef
-        if random_weights:
-            params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype)
-        elif setup.source.kind == "orbax":
-            params = checkpoint.restore_orbax(setup.source, self.mesh, self.rules, self.dtype)
-        else:
-            params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype)
-        self.params = params
         if unroll_layers is None:
             # XLA:CPU copies each layer's weights out of the stack inside a scan (measured: 1.5x slower
             # decode at batch 16); elsewhere the scan keeps compile time flat in depth. Pipeline stages
@@ -310,6 +303,13 @@ class LLM:
             unroll_layers = jax.default_backend() == "cpu" and self.mesh.shape["pp"] == 1
         if unroll_layers and self.mesh.shape["pp"] > 1:
             raise JaxinferError("unroll_layers=True needs pp=1: pipeline stages split the stacked layers")
+        if random_weights:
+            params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype)
+        elif setup.source.kind == "orbax":
+            params = checkpoint.restore_orbax(setup.source, self.mesh, self.rules, self.dtype)
+        else:
+            params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype)
+        self.params = params
         self.unroll_layers = unroll_layers
         self.state = setup.state_with(params, unroll=unroll_layers)
         self.engine_options = dict(
