@@ -74,7 +74,7 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
     sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), b, b)
     chunks = max(1, -(-(gen_len - 1) // DECODE_CHUNK))
 
-    def run(timed: bool):
+    def once():
         cache = llm._cache(b, cache_len)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
@@ -99,9 +99,9 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
             tok, positions = toks[:, -1], positions + DECODE_CHUNK
         return ttft, per_token
 
-    run(False)  # compile
-    ttft, tpot = run(True)
-    ttft = min(ttft, run(True)[0])
+    once()  # compile
+    ttft, tpot = once()
+    ttft = min(ttft, once()[0])
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
     llm.generate(prompts, params)

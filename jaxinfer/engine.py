@@ -296,9 +296,9 @@ class Engine:
     def _decode(self) -> list[Request]:
         n = self.decode_steps
         ready = [r for r in self.running if r.in_decode]
-        for r in sorted(ready, key=lambda r: r.id):
-            if r in self.running and not self._ensure_pages(r, len(r.tokens) - 1 + n):
-                continue
+        for r in sorted(ready, key=lambda r: r.id):  # oldest first: preemption takes the newest
+            if r in self.running:
+                self._ensure_pages(r, len(r.tokens) - 1 + n)
         ready = [r for r in self.running if r.in_decode]
         if not ready:
             return []

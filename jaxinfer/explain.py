@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxinfer import hlo, pipeline, steps
 from jaxinfer.llm import Setup, buckets, prepare
@@ -23,13 +24,7 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 
 def per_device_param_bytes(setup: Setup) -> int:
-    return sum(_shard_bytes(v.get_value()) for _, v in nnx_flat(setup.abstract))
-
-
-def nnx_flat(state):
-    from flax import nnx
-
-    return nnx.to_flat_state(state)
+    return sum(_shard_bytes(v.get_value()) for _, v in nnx.to_flat_state(setup.abstract))
 
 
 def abstract_cache(setup: Setup, batch: int, length: int) -> llama.KVCache:
