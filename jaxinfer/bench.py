@@ -107,7 +107,7 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
     llm.generate(prompts, params)
     e2e = batch * gen_len / (time.perf_counter() - t0)
     reads = (
-        explain.per_device_param_bytes(setup)
+        explain.step_param_bytes(setup, b // llm.mesh.shape["dp"])
         + 2
         * int(np.prod(setup.cache_sharding.shard_shape(setup.cache_shape(b, cache_len))))
         * np.dtype(setup.dtype).itemsize

@@ -217,12 +217,16 @@ def _flat_range(index: tuple[slice, ...], shape: tuple[int, ...]) -> slice:
 
 
 def read_shard(w: llama.Weight, read: Callable[[str], Any], layer: int, index: tuple[slice, ...]) -> np.ndarray:
-    """The piece `index` (per-layer coordinates) of parameter `w` in `layer`, from HF-named tensors."""
+    """The piece `index` (per-layer coordinates) of parameter `w` in stack entry `layer`, from HF-named
+    tensors."""
+    if w.experts:
+        experts = range(*index[0].indices(w.layer_shape[0]))
+        return np.stack([read_shard(w.expert(e), read, layer, index[1:]) for e in experts])
     if w.fused is not None:
         a = w.fused
         rest = index[:a] + index[a + 1 :]
         return np.stack([read_shard(w.part(hf), read, layer, rest) for hf in w.hf[index[a]]], axis=a)
-    tensor = read(w.hf.format(i=layer))
+    tensor = read(w.checkpoint_name(layer))
     shape = w.layer_shape
     sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
     if w.linear:  # HF [out, in] -> ours [in..., out...]
@@ -239,8 +243,10 @@ def _shape(tensor) -> tuple[int, ...]:
 
 
 def _check_shapes(w: llama.Weight, read: Callable[[str], Any]) -> None:
+    if w.experts:
+        w = w.expert(0)
     for part in [w.part(hf) for hf in w.hf] if w.fused is not None else [w]:
-        name = part.hf.format(i=0)
+        name = part.checkpoint_name(0)
         shape = _shape(read(name))
         if math.prod(shape) != math.prod(part.layer_shape):
             raise JaxinferError(f"tensor {name!r} has shape {shape}; the config implies {part.layer_shape}")

@@ -32,6 +32,12 @@ flags.DEFINE_multi_string("stop", None, "Stop string; repeat for several.")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past the end-of-sequence token.")
 flags.DEFINE_string("output", None, "convert: directory to write the orbax checkpoint to.")
 flags.DEFINE_bool("random_weights", False, "Random weights created on the devices (any model or built-in shape).")
+flags.DEFINE_enum(
+    "moe_dispatch", "auto", ["auto", "all_to_all", "psum"], "MoE: how tokens reach their experts (see README)."
+)
+flags.DEFINE_enum(
+    "moe_kernel", "auto", ["auto", "pallas", "interpret", "xla"], "MoE: the grouped expert matmul implementation."
+)
 flags.DEFINE_integer("batch", 1, "explain: batch size of the steps to compile.")
 flags.DEFINE_integer("prompt_len", 128, "explain/bench: prompt length in tokens.")
 flags.DEFINE_integer("gen_len", 128, "explain/bench: new tokens per sequence (sizes the KV cache).")
@@ -68,6 +74,8 @@ def _llm():
         dtype=FLAGS.dtype,
         max_seq_len=FLAGS.max_seq_len,
         random_weights=FLAGS.random_weights,
+        moe_dispatch=FLAGS.moe_dispatch,
+        moe_kernel=FLAGS.moe_kernel,
     )
 
 
@@ -127,7 +135,14 @@ def cmd_explain() -> None:
         n *= v
     llm.ensure_devices(n)
     report = explain.explain(
-        FLAGS.model, _axes(), FLAGS.mesh, FLAGS.dtype, FLAGS.batch, FLAGS.prompt_len, FLAGS.gen_len
+        FLAGS.model,
+        _axes(),
+        FLAGS.mesh,
+        FLAGS.dtype,
+        FLAGS.batch,
+        FLAGS.prompt_len,
+        FLAGS.gen_len,
+        moe_dispatch=FLAGS.moe_dispatch,
     )
     print(json.dumps(report) if FLAGS.json else explain.format_report(report))
 

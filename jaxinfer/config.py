@@ -9,8 +9,10 @@ from typing import Any
 
 from jaxinfer.errors import JaxinferError
 
-# Architectures served by models/llama.py; each maps to its switches on the shared config.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures served by models/llama.py; each maps to its switches on the shared config. The
+# mixture-of-experts ones replace the MLP of some or all layers by routed experts (models/moe.py).
+MOE_FAMILY = ("mixtral", "qwen3_moe")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", *MOE_FAMILY)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,6 +45,12 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (num_experts == 0: a dense model).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is routed experts
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -55,15 +63,33 @@ class ModelConfig:
                 f"rope type {self.rope_scaling.rope_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise JaxinferError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+            )
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.moe_layers)
+
+    def _count(self, experts: int) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = d * (q + 2 * kv) + q * d + 2 * d
+        per_layer += (q + 2 * kv) if self.qkv_bias else 0
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        moe = d * self.num_experts + 3 * d * self.moe_intermediate_size * experts
+        layers = self.num_layers * per_layer + len(self.dense_layers) * 3 * d * f + len(self.moe_layers) * moe
+        return layers + v * d * (1 if self.tie_word_embeddings else 2) + d
 
     @property
     def param_count(self) -> int:
-        d, f, n, v = self.hidden_size, self.intermediate_size, self.num_layers, self.vocab_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
-        per_layer += (q + 2 * kv) if self.qkv_bias else 0
-        per_layer += 2 * self.head_dim if self.qk_norm else 0
-        return n * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+        return self._count(self.num_experts)
+
+    @property
+    def active_param_count(self) -> int:
+        """Parameters one token passes through: only its top-k experts of each MoE layer."""
+        return self._count(self.num_experts_per_tok)
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
@@ -96,7 +122,7 @@ def from_hf_config(cfg: dict[str, Any], generation_config: dict[str, Any] | None
     theta, scaling = _rope_from_hf(cfg)
     heads = cfg["num_attention_heads"]
     sliding = cfg.get("sliding_window")
-    if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+    if arch.startswith("qwen") and not cfg.get("use_sliding_window", False):
         sliding = None
     gen = generation_config or {}
     eos = _as_tuple(gen.get("eos_token_id", cfg.get("eos_token_id")))
@@ -115,10 +141,40 @@ def from_hf_config(cfg: dict[str, Any], generation_config: dict[str, Any] | None
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
         sliding_window=sliding,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos,
+        **_moe_from_hf(arch, cfg),
+    )
+
+
+def _moe_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if arch not in MOE_FAMILY:
+        return {}
+    # Published checkpoints spell the expert count `num_local_experts` (Mixtral) or `num_experts`
+    # (Qwen3-MoE); transformers 5 writes either. Accept both for both.
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if experts < 1:
+        raise JaxinferError(f"{arch} config has no expert count (num_local_experts or num_experts)")
+    n = cfg["num_hidden_layers"]
+    if arch == "mixtral":
+        # Every layer is routed; the experts' hidden size is `intermediate_size`; top-k weights renormalised.
+        return dict(
+            num_experts=experts,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+            moe_intermediate_size=cfg["intermediate_size"],
+            norm_topk_prob=True,
+            moe_layers=tuple(range(n)),
+        )
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(cfg.get("mlp_only_layers") or ())
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=cfg.get("num_experts_per_tok", 8),
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0),
     )
 
 
@@ -143,6 +199,11 @@ def from_gguf_metadata(meta: dict[str, Any]) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in LLAMA_FAMILY:
         raise JaxinferError(f"unknown GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
+    if meta.get(f"{arch}.expert_count"):
+        raise JaxinferError(
+            f"GGUF mixture-of-experts models are not supported ({arch}, {meta[f'{arch}.expert_count']} experts); "
+            "load the Hugging Face safetensors checkpoint instead"
+        )
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
@@ -181,6 +242,7 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d["eos_token_ids"])
+    d["moe_layers"] = tuple(d.get("moe_layers", ()))
     return ModelConfig(**d)
 
 
@@ -247,5 +309,45 @@ SHAPES = {
         qk_norm=True,
         bos_token_id=None,
         eos_token_ids=(151645, 151643),
+    ),
+    "mixtral-8x7b": ModelConfig(
+        "mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=14336,
+        moe_layers=tuple(range(32)),
+    ),
+    "qwen3-30b-a3b": ModelConfig(
+        "qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        bos_token_id=None,
+        eos_token_ids=(151645, 151643),
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        moe_layers=tuple(range(48)),
     ),
 }

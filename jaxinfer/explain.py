@@ -16,15 +16,34 @@ from flax import nnx
 from jaxinfer import hlo, pipeline, steps
 from jaxinfer.llm import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
-from models import llama
+from models import llama, moe
+
+EXPERT_PARAMS = ("we_gate_up", "we_down")
 
 
 def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
     return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
 
 
-def per_device_param_bytes(setup: Setup) -> int:
-    return sum(_shard_bytes(v.get_value()) for _, v in nnx.to_flat_state(setup.abstract))
+def per_device_param_bytes(setup: Setup, names=None) -> int:
+    """Bytes of the parameters (all, or those named) that one device holds."""
+    return sum(
+        _shard_bytes(v.get_value())
+        for path, v in nnx.to_flat_state(setup.abstract)
+        if names is None or path[-1] in names
+    )
+
+
+def step_param_bytes(setup: Setup, tokens: int) -> float:
+    """Parameter bytes one device reads in a step over `tokens` tokens: all of them in a dense model;
+    in a routed one only the experts some token chose (expected value under uniform routing)."""
+    params = per_device_param_bytes(setup)
+    cfg = setup.config
+    if not cfg.num_experts:
+        return params
+    experts = per_device_param_bytes(setup, EXPERT_PARAMS)
+    touched = 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** tokens
+    return params - experts + experts * touched
 
 
 def abstract_cache(setup: Setup, batch: int, length: int) -> llama.KVCache:
@@ -38,7 +57,8 @@ def step_report(compiled, num_layers: int, dtype) -> dict:
     text = compiled.as_text()
     itemsize = np.dtype(dtype).itemsize
     trips = hlo.loop_trip_counts(text)
-    layer_bodies = {name for name, n in trips.items() if n == num_layers}
+    # A layer's collectives may sit in computations its loop body calls (the MoE dispatch's branches).
+    layer_bodies = hlo.reachable(text, {name for name, n in trips.items() if n == num_layers})
     report: dict[str, dict[str, int]] = {}
     for c in hlo.collectives(text):
         in_layer = c.computation in layer_bodies
@@ -65,11 +85,12 @@ def matmul_flops(setup: Setup, tokens: int, kv_len: int, head_tokens: int) -> fl
     """Per-device flops of a step: `tokens` new tokens through the layers attending to `kv_len` keys,
     `head_tokens` of them through the vocabulary projection (the embedding is a lookup, no matmul)."""
     cfg = setup.config
-    tp = setup.mesh.shape["tp"]
+    tp, ep = setup.mesh.shape["tp"], setup.mesh.shape["ep"]
     head = cfg.vocab_size * cfg.hidden_size
-    layers = cfg.param_count - head * (1 if cfg.tie_word_embeddings else 2)
+    experts = len(cfg.moe_layers) * 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_experts_per_tok
+    layers = cfg.active_param_count - head * (1 if cfg.tie_word_embeddings else 2) - experts
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * kv_len
-    return (tokens * (2 * layers + attn) + head_tokens * 2 * head) / tp
+    return (tokens * (2 * layers + attn + 2 * experts / ep) + head_tokens * 2 * head) / tp
 
 
 def explain(
@@ -80,8 +101,9 @@ def explain(
     batch: int = 1,
     prompt_len: int = 128,
     gen_len: int = 128,
+    moe_dispatch: str = "auto",
 ) -> dict:
-    setup = prepare(model, axes, mesh, dtype, random_weights=True)
+    setup = prepare(model, axes, mesh, dtype, random_weights=True, moe_dispatch=moe_dispatch)
     cfg = setup.config
     b, t, cache_len = buckets(batch, prompt_len, gen_len, setup.mesh.shape["dp"], setup.max_seq_len)
     cache = abstract_cache(setup, b, cache_len)
@@ -109,14 +131,16 @@ def explain(
     }
     rows = b // setup.mesh.shape["dp"]  # sequences on one device
     for name, compiled, tokens_in, kv_len, reads in (
-        ("prefill", prefill, rows * t, t, param_bytes),
-        ("decode", decode, rows, cache_len, param_bytes + kv_bytes),
+        ("prefill", prefill, rows * t, t, step_param_bytes(setup, rows * t)),
+        ("decode", decode, rows, cache_len, step_param_bytes(setup, rows) + kv_bytes),
     ):
         step = step_report(compiled, cfg.num_layers, setup.dtype)
         step["bytes_read"] = reads
         step["flops"] = matmul_flops(setup, tokens_in, kv_len, rows)
         step["arithmetic_intensity"] = step["flops"] / reads
         out["steps"][name] = step
+    if cfg.num_experts:
+        out["moe"] = moe_report(setup, out, {"prefill": rows * t, "decode": rows})
     stages = setup.mesh.shape["pp"]
     if stages > 1:
         micro = {name: pipeline.microbatch_count(rows, stages) for name in ("prefill", "decode")}
@@ -132,6 +156,36 @@ def explain(
     return out
 
 
+def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:
+    """Expert memory per device, the dispatch mode of each step, its all-to-all bytes from the HLO, and
+    the cost model's bytes for both modes (what "auto" chose by)."""
+    cfg, mesh = setup.config, setup.mesh
+    itemsize = np.dtype(setup.dtype).itemsize
+    expert_total = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    out = {
+        "experts": cfg.num_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "routed_layers": len(cfg.moe_layers),
+        "expert_param_bytes": {
+            "per_device": per_device_param_bytes(setup, EXPERT_PARAMS),
+            "total": expert_total * itemsize,
+        },
+        "steps": {},
+    }
+    for name, n in tokens.items():
+        a2a = report["steps"][name]["collectives"].get("all-to-all", {})
+        out["steps"][name] = {
+            "tokens": n,
+            "mode": setup.moe.mode(cfg, n, itemsize),
+            "all_to_all_per_layer": a2a.get("per_layer_count", 0),
+            "all_to_all_bytes_per_token_per_layer": a2a.get("per_layer_bytes", 0) / n,
+            "model_bytes_sent_per_layer": moe.dispatch_bytes(
+                cfg, mesh.shape["ep"], mesh.shape["tp"], n, itemsize, setup.moe.capacity_factor
+            ),
+        }
+    return out
+
+
 def format_report(r: dict) -> str:
     gib = 1 << 30
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
@@ -142,6 +196,20 @@ def format_report(r: dict) -> str:
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "
         f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB",
     ]
+    if "moe" in r:
+        m = r["moe"]
+        e = m["expert_param_bytes"]
+        lines.append(
+            f"experts: {m['experts']} per routed layer, top-{m['top_k']}, {m['routed_layers']} routed layers; "
+            f"expert weights per device {e['per_device'] / gib:.3f} GiB (total {e['total'] / gib:.3f} GiB)"
+        )
+        for name, s in m["steps"].items():
+            cost = ", ".join(f"{k} {_size(int(v))}" for k, v in s["model_bytes_sent_per_layer"].items() if v < 1e30)
+            lines.append(
+                f"  {name}: {s['tokens']} tokens per dp shard -> {s['mode']}; sent per device per layer: {cost}; "
+                f"all-to-all {s['all_to_all_per_layer']} per layer, {s['all_to_all_bytes_per_token_per_layer']:.0f} "
+                "bytes per token"
+            )
     if "pipeline" in r:
         p = r["pipeline"]
         lines.append(

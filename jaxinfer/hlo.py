@@ -6,6 +6,8 @@ import dataclasses
 import math
 import re
 
+from jaxinfer.sharding import WIDENED_SCOPE
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {
     "f64": 8,
@@ -51,7 +53,7 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         m = _OP.match(line)
         if m and "-done" not in m.group(3):
-            promoted = "_promoted" in line.split("to_apply=", 1)[-1].split(",", 1)[0]
+            promoted = "_promoted" in line.split("to_apply=", 1)[-1].split(",", 1)[0] or WIDENED_SCOPE in line
             out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2)), promoted))
     return out
 
@@ -62,3 +64,28 @@ _WHILE = re.compile(r"body=%?([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\""
 def loop_trip_counts(hlo_text: str) -> dict[str, int]:
     """Body computation name -> known trip count, for every while loop XLA could count."""
     return {m.group(1): int(m.group(2)) for m in map(_WHILE.search, hlo_text.splitlines()) if m}
+
+
+_CALL = re.compile(
+    r"(?:body|condition|calls|true_computation|false_computation|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)"
+)
+
+
+def reachable(hlo_text: str, roots: set[str]) -> set[str]:
+    """`roots` and every computation they call, directly or not (loop bodies, branches, fusions)."""
+    calls: dict[str, set[str]] = {}
+    computation = ""
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            computation = m.group(1)
+            continue
+        for target in _CALL.findall(line):
+            calls.setdefault(computation, set()).update(re.findall(r"%?([\w.\-]+)", target.strip("{}")))
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(calls.get(name, ()))
+    return seen

@@ -23,12 +23,14 @@ from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
 from jaxinfer.sampling import SamplingParams
 from models import kv_cache, llama
+from models.moe import DISPATCH_MODES, MoE
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_PROMPT_BUCKET = 16
 DECODE_CHUNK = 8  # decode steps per compiled call; tokens come back to the host this often
+KERNEL_CHOICES = ("auto", "pallas", "interpret", "xla")
 
 
 @dataclasses.dataclass
@@ -79,6 +81,7 @@ class Setup:
     cache_kv_heads: int
     graphdef: nnx.GraphDef
     abstract: nnx.State  # parameters as ShapeDtypeStructs carrying their shardings
+    moe: MoE | None = None  # how routed layers dispatch tokens to their experts
 
     def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
         """The abstract model (no weights made) split into graph and state."""
@@ -92,6 +95,7 @@ class Setup:
                 rngs=nnx.Rngs(0),
                 attention_kernel=attention_kernel,
                 pipeline=pipeline,
+                moe=self.moe,
             )
         )
         return nnx.split(model)
@@ -189,6 +193,19 @@ def _kernel_compiles(dtype) -> bool:
         return False
 
 
+def _moe_kernel_compiles(dtype) -> bool:
+    """Whether the Pallas grouped matmul compiles and runs here (checked once, on a toy case)."""
+    from pallas_kernels.moe import grouped_matmul
+
+    try:
+        x, w = jnp.ones((64, 64), dtype), jnp.ones((2, 64, 64), dtype)
+        grouped_matmul(x, w, jnp.array([40, 24], jnp.int32)).block_until_ready()
+        return True
+    except Exception as e:  # any lowering or runtime failure: fall back to jax.lax.ragged_dot
+        log.warning("Pallas grouped matmul unavailable here (%s: %s); using ragged_dot", type(e).__name__, e)
+        return False
+
+
 def unstack(x: jax.Array) -> list[jax.Array]:
     """[L, ...] -> L arrays [...] with the same split of the remaining dimensions."""
     sh = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[1:]))
@@ -202,9 +219,15 @@ def prepare(
     dtype: str | None = None,
     max_seq_len: int | None = None,
     random_weights: bool = False,
+    moe_dispatch: str = "auto",
+    moe_kernel: str = "auto",
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
+    if moe_dispatch not in DISPATCH_MODES:
+        raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
+    if moe_kernel not in KERNEL_CHOICES:
+        raise JaxinferError(f"moe_kernel={moe_kernel!r}; use one of {', '.join(KERNEL_CHOICES)}")
     overrides = None
     if mesh is not None:
         preset = sharding.load_preset(mesh)
@@ -229,12 +252,13 @@ def prepare(
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dt = DTYPES[dtype]
-    if dtype == "bfloat16" and shape["pp"] > 1 and jax.default_backend() == "cpu":
-        # XLA:CPU aborts compiling bf16 pipeline stages ("Invalid binary instruction opcode copy").
-        raise JaxinferError("bfloat16 with pp > 1 does not compile on CPU; use dtype float32 there (bf16 on GPU)")
     kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
+    if cfg.num_experts:
+        if moe_kernel == "auto":
+            moe_kernel = "pallas" if jax.default_backend() == "gpu" and _moe_kernel_compiles(dt) else "xla"
+        setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, moe_kernel)
     setup.graphdef, abstract = setup.build()
     shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
     for path, var in nnx.to_flat_state(abstract):
@@ -260,6 +284,9 @@ class LLM:
     after the weights holds, at most what max_num_seqs full-length sequences need), prefill_chunk
     prompt tokens per prefill step (128), attention "auto" | "pallas" | "interpret" | "xla" (auto:
     the Pallas kernel on GPU, the XLA path elsewhere).
+    Mixture-of-experts models: experts split over `ep`; moe_dispatch "auto" | "all_to_all" | "psum"
+    (see models/moe.py; auto picks per step shape the mode that sends fewer bytes), moe_kernel as
+    `attention` for the grouped expert matmul (xla: jax.lax.ragged_dot).
     """
 
     def __init__(
@@ -280,6 +307,8 @@ class LLM:
         num_pages: int | None = None,
         prefill_chunk: int | None = None,
         attention: str = "auto",
+        moe_dispatch: str = "auto",
+        moe_kernel: str = "auto",
     ):
         t0 = time.perf_counter()
         engine_sizes = dict(
@@ -288,7 +317,16 @@ class LLM:
         for name, value in engine_sizes.items():
             if value is not None and (not isinstance(value, int) or value < 1 + (name == "num_pages")):
                 raise JaxinferError(f"{name}={value!r} must be a positive integer (num_pages: at least 2)")
-        setup = prepare(model, dict(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp), mesh, dtype, max_seq_len, random_weights)
+        setup = prepare(
+            model,
+            dict(dp=dp, pp=pp, tp=tp, ep=ep, sp=sp),
+            mesh,
+            dtype,
+            max_seq_len,
+            random_weights,
+            moe_dispatch=moe_dispatch,
+            moe_kernel=moe_kernel,
+        )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
         self.tokenizer = setup.source.tokenizer
@@ -562,7 +600,20 @@ class _Stops:
 
 def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs) -> list[Completion]:
     """One call: load `model` with the LLM keyword arguments, generate with the SamplingParams ones."""
-    llm_keys = {"tp", "pp", "ep", "sp", "dp", "mesh", "dtype", "max_seq_len", "random_weights", "unroll_layers"}
+    llm_keys = {
+        "tp",
+        "pp",
+        "ep",
+        "sp",
+        "dp",
+        "mesh",
+        "dtype",
+        "max_seq_len",
+        "random_weights",
+        "unroll_layers",
+        "moe_dispatch",
+        "moe_kernel",
+    }
     sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = set(kwargs) - llm_keys - sampling_keys
     if unknown:

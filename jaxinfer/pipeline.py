@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxinfer import sharding
+
 
 def microbatch_count(batch: int, most: int) -> int:
     """The largest divisor of `batch` that is at most `most`."""
@@ -60,7 +62,7 @@ class Pipeline:
                 outs = jnp.where(last, jax.lax.dynamic_update_slice_in_dim(outs, y, start, axis=0), outs)
                 if tick < m + stages - 2:  # the last tick hands nothing on
                     state = jax.lax.ppermute(y, "pp", [(i, i + 1) for i in range(stages - 1)])
-            return jax.lax.psum(jnp.where(stage == stages - 1, outs, 0), "pp"), cache
+            return sharding.psum(jnp.where(stage == stages - 1, outs, 0), "pp"), cache
 
         cache_specs = type(cache)(*(P("pp") if i < 2 else P() for i in range(len(cache))))
         return jax.shard_map(

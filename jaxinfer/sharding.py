@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -33,6 +34,7 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tp",
     "experts": "ep",
+    "expert_mlp": "tp",  # an expert's hidden size: attention and experts both keep tensor parallelism
     "batch": "dp",
     "seq": "sp",
     "cache_seq": None,
@@ -103,8 +105,22 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
                 "or be a multiple of them"
             )
         rules["kv_heads"] = None  # fewer kv heads than tp: replicate them (see models/llama.py)
-    if cfg.intermediate_size % tp:
+    if cfg.dense_layers and cfg.intermediate_size % tp:
         raise JaxinferError(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+    ep = mesh.shape["ep"]
+    if cfg.num_experts:
+        if rules["experts"] != "ep":
+            raise JaxinferError(f"the experts dimension must lie on the ep mesh axis, not {rules['experts']!r}")
+        if cfg.num_experts % ep:
+            divisors = [d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]
+            raise JaxinferError(
+                f"num_experts={cfg.num_experts} is not divisible by ep={ep}; each device holds an equal share "
+                f"of the experts: choose ep from {divisors}"
+            )
+        if cfg.moe_intermediate_size % tp:
+            raise JaxinferError(f"the experts' hidden size {cfg.moe_intermediate_size} is not divisible by tp={tp}")
+    elif ep > 1:
+        raise JaxinferError(f"ep={ep}: {cfg.architecture} is a dense model without experts; set ep=1")
     if cfg.vocab_size % tp:
         log.warning("vocab_size=%d is not divisible by tp=%d: vocabulary replicated", cfg.vocab_size, tp)
         rules["vocab"] = None
@@ -115,11 +131,13 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
             f"num_hidden_layers={cfg.num_layers} is not divisible by pp={pp}; stages must hold equal layer "
             f"counts: choose pp from {divisors}"
         )
-    for axis in ("ep", "sp"):
-        if mesh.shape[axis] > 1:
-            raise JaxinferError(
-                f"{axis}={mesh.shape[axis]}: dense models are served with dp, pp and tp today; set {axis}=1"
-            )
+    if pp > 1 and cfg.moe_layers and cfg.dense_layers:
+        raise JaxinferError(
+            f"pp={pp}: this model mixes dense layers {list(cfg.dense_layers)} with routed ones, so its stages "
+            "would differ; serve it with pp=1"
+        )
+    if mesh.shape["sp"] > 1:
+        raise JaxinferError(f"sp={mesh.shape['sp']}: sequence parallelism is not implemented; set sp=1")
     return rules
 
 
@@ -134,3 +152,16 @@ def spec(logical_axes: Sequence[str | None], rules: Mapping[str, str | None]) ->
 
 def named(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapping[str, str | None]) -> NamedSharding:
     return NamedSharding(mesh, spec(logical_axes, rules))
+
+
+WIDENED_SCOPE = "psum_widened_for_cpu"
+
+
+def psum(x: jax.Array, axes) -> jax.Array:
+    """`lax.psum` inside `shard_map`. On CPU a low-precision sum runs in float32: XLA:CPU widens such
+    all-reduces anyway, and aborts doing it itself inside a partly manual shard_map ("Invalid binary
+    instruction opcode copy"). The named scope lets `explain` count it at the program's dtype."""
+    if jax.default_backend() == "cpu" and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+        with jax.named_scope(WIDENED_SCOPE):
+            return jax.lax.psum(x.astype(jnp.float32), axes).astype(x.dtype)
+    return jax.lax.psum(x, axes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -25,10 +26,13 @@ from models.kv_cache import CACHE_AXES, KVCache, PagedKVCache  # noqa: F401  (CA
 class Weight:
     """How one parameter is declared and where it comes from in a Hugging Face checkpoint.
 
-    `hf` names the checkpoint tensor ({i} is the layer). A `linear` weight is stored by Hugging Face as
-    [out, in] and here as [in..., out...] with `n_in` leading input dimensions; other weights keep their
-    element order and are only reshaped. A `fused` weight stacks several checkpoint tensors (`hf` is then
-    a tuple) along that axis of the per-layer shape, so that one matmul computes them all.
+    `hf` names the checkpoint tensor ({i} is the layer, {e} the expert). A stacked weight's entry j
+    comes from checkpoint layer `layer_ids[j]` (all layers in order when None). An `experts` weight has
+    one checkpoint tensor per expert, stacked on the first per-layer dimension. A `linear` weight is
+    stored by Hugging Face as [out, in] and here as [in..., out...] with `n_in` leading input
+    dimensions; other weights keep their element order and are only reshaped. A `fused` weight stacks
+    several checkpoint tensors (`hf` is then a tuple) along that axis of the per-tensor shape, so that
+    one matmul computes them all.
     """
 
     shape: tuple[int, ...]
@@ -38,6 +42,8 @@ class Weight:
     n_in: int = 1
     init: str = "normal"  # or "ones" for norm scales, "zeros" for biases
     fused: int | None = None
+    layer_ids: tuple[int, ...] | None = None
+    experts: bool = False
 
     @property
     def stacked(self) -> bool:
@@ -47,16 +53,34 @@ class Weight:
     def layer_shape(self) -> tuple[int, ...]:
         return self.shape[1:] if self.stacked else self.shape
 
+    def checkpoint_name(self, j: int) -> str:
+        """The checkpoint tensor of stack entry j (an unfused, per-expert weight)."""
+        return self.hf.format(i=self.layer_ids[j] if self.layer_ids else j)
+
+    def _drop(self, dim: int, **changes) -> Weight:
+        return dataclasses.replace(
+            self, shape=self.shape[:dim] + self.shape[dim + 1 :], axes=self.axes[:dim] + self.axes[dim + 1 :], **changes
+        )
+
     def part(self, hf: str) -> Weight:
         """One checkpoint tensor of a fused weight, as an unfused weight of its own."""
-        drop = self.fused + self.stacked
-        return dataclasses.replace(
-            self,
-            shape=self.shape[:drop] + self.shape[drop + 1 :],
-            axes=self.axes[:drop] + self.axes[drop + 1 :],
-            hf=hf,
-            fused=None,
+        return self._drop(self.fused + self.stacked + self.experts, hf=hf, fused=None)
+
+    def expert(self, e: int) -> Weight:
+        """Expert e's tensors, as a weight without the experts dimension."""
+        hf = (
+            tuple(h.replace("{e}", str(e)) for h in self.hf)
+            if self.fused is not None
+            else self.hf.replace("{e}", str(e))
         )
+        return self._drop(int(self.stacked), hf=hf, experts=False)
+
+
+# Checkpoint names of a routed MLP: block prefix, router, expert gate, up, down ({e} is the expert).
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe.", "gate", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp.", "gate", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 def weights(cfg: ModelConfig) -> dict[str, Weight]:
@@ -78,15 +102,44 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
         ),
         "wo": Weight((n, h, hd, d), ("layers", "q_heads", "head_dim", "embed"), a + "self_attn.o_proj.weight", True, 2),
         "mlp_norm": Weight((n, d), ("layers", "embed"), a + "post_attention_layernorm.weight", init="ones"),
-        "w_gate_up": Weight(
-            (n, d, 2, f),
+    }
+    dense = cfg.dense_layers
+    if dense:  # stacked over the dense layers only; all layers in a dense model
+        ids = None if len(dense) == n else dense
+        w["w_gate_up"] = Weight(
+            (len(dense), d, 2, f),
             ("layers", "embed", None, "mlp"),
             (a + "mlp.gate_proj.weight", a + "mlp.up_proj.weight"),
             True,
             fused=1,
-        ),
-        "w_down": Weight((n, f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True),
-    }
+            layer_ids=ids,
+        )
+        w["w_down"] = Weight(
+            (len(dense), f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True, layer_ids=ids
+        )
+    if cfg.moe_layers:
+        m, e, fe = len(cfg.moe_layers), cfg.num_experts, cfg.moe_intermediate_size
+        ids = None if m == n else cfg.moe_layers
+        block, gate, w_gate, w_up, w_down = MOE_NAMES[cfg.architecture]
+        x = a + block + "experts.{e}."
+        w["router"] = Weight((m, d, e), ("layers", "embed", None), a + block + gate + ".weight", True, layer_ids=ids)
+        w["we_gate_up"] = Weight(
+            (m, e, d, 2, fe),
+            ("layers", "experts", "embed", None, "expert_mlp"),
+            (x + w_gate + ".weight", x + w_up + ".weight"),
+            True,
+            fused=1,
+            layer_ids=ids,
+            experts=True,
+        )
+        w["we_down"] = Weight(
+            (m, e, fe, d),
+            ("layers", "experts", "expert_mlp", "embed"),
+            x + w_down + ".weight",
+            True,
+            layer_ids=ids,
+            experts=True,
+        )
     if cfg.qkv_bias:
         w["bq"] = Weight((n, h, hd), ("layers", "q_heads", "head_dim"), a + "self_attn.q_proj.bias", init="zeros")
         w["bkv"] = Weight(
@@ -174,9 +227,11 @@ def block(
     kv_repeat: int,
     kv_len: int,
     kernel=None,
+    moe=None,
 ):
     """Decoder layer `layer` on its parameters `p`; writes this step's keys/values into the whole cache
-    in place (a loop carry) and attends to that layer's first `kv_len` positions."""
+    in place (a loop carry) and attends to that layer's first `kv_len` positions. A layer whose
+    parameters hold a router runs routed experts (`moe`, a models.moe.MoE) in place of the MLP."""
     eps = cfg.rms_norm_eps
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
@@ -197,29 +252,61 @@ def block(
         x = x + jnp.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
-        gate_up = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
-        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+        if "router" in p:
+            x = x + moe(p, h, cfg)
+        else:
+            gate_up = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
 
 
-def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel):
-    """The layers in `stacked` (stacked arrays, or one array per layer), in order; `cache` holds just
-    those layers."""
-    first = stacked["wq"]
-    n = len(first) if isinstance(first, (list, tuple)) else first.shape[0]
+DENSE_MLP = ("w_gate_up", "w_down")
+ROUTED_MLP = ("router", "we_gate_up", "we_down")
 
+
+def _length(x) -> int:
+    return len(x) if isinstance(x, (list, tuple)) else x.shape[0]
+
+
+def _take(x, start: int, stop: int):
+    return x if (start, stop) == (0, _length(x)) else x[start:stop]
+
+
+def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None):
+    """The layers in `stacked` (stacked arrays, or one array per layer), in order; `cache` holds just
+    those layers. A model mixing dense and routed layers runs each run of one kind as its own loop
+    (the MLP stacks hold only their kind's layers); a pipeline stage is always of one kind."""
+    n = _length(stacked["wq"])
+    if n == cfg.num_layers:
+        routed = [i in cfg.moe_layers for i in range(n)]
+    else:
+        routed = [bool(cfg.moe_layers)] * n
+    start = 0
+    for kind, run in itertools.groupby(routed):
+        stop = start + len(list(run))
+        first = sum(r == kind for r in routed[:start])  # this run's first entry in its kind's MLP stack
+        mlp = ROUTED_MLP if kind else DENSE_MLP
+        part = {k: _take(v, start, stop) for k, v in stacked.items() if k not in DENSE_MLP + ROUTED_MLP}
+        part |= {k: _take(stacked[k], first, first + stop - start) for k in mlp}
+        x, cache = _loop(part, x, cache, positions, cos, sin, start, cfg, kv_repeat, kv_len, kernel, moe)
+        start = stop
+    return x, cache
+
+
+def _loop(stacked, x, cache, positions, cos, sin, offset, cfg, kv_repeat, kv_len, kernel, moe):
     def layer_step(carry, layer):
         x, cache = carry
         lp, i = layer
-        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel), None
+        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel, moe), None
 
-    if isinstance(first, (list, tuple)):
+    n = _length(stacked["wq"])
+    if isinstance(stacked["wq"], (list, tuple)):
         # Unrolled: one array per layer (see unstack), so no layer's weights are sliced out of a stack.
         for i in range(n):
-            (x, cache), _ = layer_step((x, cache), ({k: v[i] for k, v in stacked.items()}, i))
+            (x, cache), _ = layer_step((x, cache), ({k: v[i] for k, v in stacked.items()}, offset + i))
     else:
-        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (stacked, jnp.arange(n)))
+        (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (stacked, offset + jnp.arange(n)))
     return x, cache
 
 
@@ -242,11 +329,13 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
         attention_kernel=None,
         pipeline=None,
+        moe=None,
     ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.attention_kernel = attention_kernel  # decode attention over pages; None: the XLA path
         self.pipeline = pipeline  # jaxinfer.pipeline.Pipeline over pp stages, or None
+        self.moe = moe  # models.moe.MoE for the routed layers, or None
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
         self.params = nnx.Dict(
@@ -267,7 +356,12 @@ class Llama(nnx.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         stacked = {name: p[name] for name in self.stacked}
         run = functools.partial(
-            run_layers, cfg=self.cfg, kv_repeat=self.kv_repeat, kv_len=kv_len, kernel=self.attention_kernel
+            run_layers,
+            cfg=self.cfg,
+            kv_repeat=self.kv_repeat,
+            kv_len=kv_len,
+            kernel=self.attention_kernel,
+            moe=self.moe,
         )
         if self.pipeline is None:
             x, cache = run(stacked, x, cache, positions, cos, sin)

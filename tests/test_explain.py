@@ -1,10 +1,9 @@
 """explain's figures against the compiled HLO and against a real load; bench's bookkeeping."""
 
 import numpy as np
-import pytest
 
 import jaxinfer
-from jaxinfer import JaxinferError, bench, explain, hlo, steps
+from jaxinfer import bench, explain, hlo, steps
 from jaxinfer.sampling import SamplingParams
 
 
@@ -85,5 +84,7 @@ def test_pipeline_figures():
     vocab = 2 * 128256 * 4096 * 4
     want = (r["total"]["param_bytes"] - vocab) / 8 + vocab / 2
     assert abs(r["per_device"]["param_bytes"] - want) < 0.01 * want
-    with pytest.raises(JaxinferError, match=r"bfloat16 with pp > 1 does not compile on CPU"):
-        explain.explain("llama3-8b", dict(pp=2), dtype="bfloat16")
+    # bf16 stages compile on CPU too (their final sum runs widened there); XLA:CPU computes bf16 in f32
+    # and may hand the activations over in either width
+    r16 = explain.explain("llama3-8b", dict(pp=4, tp=2), dtype="bfloat16", batch=8, prompt_len=64)
+    assert r16["pipeline"]["boundary_bytes_per_step"]["decode"] in [(4 + 4 - 2) * 2 * 4096 * w for w in (2, 4)]

@@ -51,12 +51,36 @@ ARCHS = {
     "qwen3": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=32)),
 }
 
+# Mixture-of-experts checkpoints: 8 experts so that ep runs up to 8.
+MOE_ARCHS = {
+    # Mixtral: every layer routed, softmax top-2 renormalised, `num_local_experts`.
+    "mixtral": (
+        "MixtralConfig",
+        dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    # Qwen3-MoE: top-3 of 8 without renormalisation, layer 1 a dense MLP, its own expert hidden size.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=48,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        ),
+    ),
+}
+
 
 def build(arch: str, directory: Path) -> Path:
     import torch
     import transformers
 
-    cls, kwargs = ARCHS[arch]
+    cls, kwargs = {**ARCHS, **MOE_ARCHS}[arch]
     torch.manual_seed(0)
     cfg = getattr(transformers, cls)(**COMMON, **kwargs)
     model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg)
