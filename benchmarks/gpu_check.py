@@ -5,7 +5,9 @@ Run from the repository root on a GPU machine (no package registry needed):
     PYTHONPATH=. python benchmarks/gpu_check.py
 
 It prints the versions it found first and a summary table last. Llama-3-8B shapes with random
-weights in bf16 (real weights do not travel to the GPU machine); batch 1, 16 and 64.
+weights in bf16 (real weights do not travel to the GPU machine); batch 1, 16 and 64. Then the MoE
+grouped-matmul kernel (TFLOP/s against the bf16 peak) and Qwen3-30B-A3B shapes (61 GB of bf16
+weights, one device) at batch 1 and 16.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def gpu_tests() -> tuple[str, str]:
     for args in (
         ["tests/test_numerics.py::test_logits_equal_transformers", "-k", "tp1"],
         ["tests/test_paged_attention.py"],
+        ["tests/test_moe_kernel.py"],
     ):
         rc, out = run([sys.executable, "-m", "pytest", "-q", *args], 300)
         last = [line for line in out.splitlines() if " passed" in line or " failed" in line or "error" in line]
@@ -55,17 +58,17 @@ def gpu_tests() -> tuple[str, str]:
     return ("pass" if ok else "FAIL"), "; ".join(d for _, d in results)
 
 
-def kernel_bench() -> str:
-    rc, out = run([sys.executable, "-m", "pallas_kernels.paged_attention"], 200)
-    return out.strip().splitlines()[-1] if rc == 0 and out.strip() else f"FAIL: {out[-300:]}"
+def kernel_bench(module: str, lines: int = 1) -> str:
+    rc, out = run([sys.executable, "-m", module], 200)
+    return " / ".join(out.strip().splitlines()[-lines:]) if rc == 0 and out.strip() else f"FAIL: {out[-300:]}"
 
 
-def bench_ours(unroll: bool) -> dict:
+def bench_ours(unroll: bool, model: str = "llama3-8b", batches=BATCHES) -> dict:
     code = (
         "import json, jaxinfer; from jaxinfer import bench;"
-        f"llm = jaxinfer.LLM('llama3-8b', random_weights=True, dtype='bfloat16', max_seq_len=1024,"
+        f"llm = jaxinfer.LLM({model!r}, random_weights=True, dtype='bfloat16', max_seq_len=1024,"
         f" unroll_layers={unroll});"
-        f"print(json.dumps(bench.run(llm, {list(BATCHES)}, {PROMPT}, {GEN})))"
+        f"print(json.dumps(bench.run(llm, {list(batches)}, {PROMPT}, {GEN})))"
     )
     rc, out = run([sys.executable, "-c", code], 420)
     if rc:
@@ -109,8 +112,15 @@ def main() -> None:
     rows = []
     status, detail = gpu_tests()
     rows.append(("tests on GPU (numerics vs transformers, tp=1; Pallas kernel compiled)", status, detail))
-    kb = kernel_bench()
+    kb = kernel_bench("pallas_kernels.paged_attention")
     rows.append(("paged attention kernel, batch 16, context 4096 (target 2.5 TB/s)", "see detail", kb))
+    rows.append(
+        (
+            "MoE grouped matmul vs ragged_dot, bf16 (H100 peak 989 TFLOP/s)",
+            "see detail",
+            kernel_bench("pallas_kernels.moe", 2),
+        )
+    )
     results = {}
     for unroll in (False, True):
         try:
@@ -118,9 +128,9 @@ def main() -> None:
         except RuntimeError as e:
             rows.append((f"bench llama3-8b unroll={unroll}", "FAIL", str(e)[-300:]))
     peer = bench_transformers()
-    for unroll, r in results.items():
-        from jaxinfer.bench import format_table
+    from jaxinfer.bench import format_table
 
+    for unroll, r in results.items():
         print(format_table(r), flush=True)
         for row in r["rows"]:
             b = row["batch"]
@@ -133,6 +143,20 @@ def main() -> None:
                     f"{row['generate_tok_s']:.0f} tok/s generate(){ratio}; peak {r['peak_bandwidth_gb_s']:.0f} GB/s",
                 )
             )
+    try:
+        moe = bench_ours(False, "qwen3-30b-a3b", (1, 16))
+        print(format_table(moe), flush=True)
+        for row in moe["rows"]:
+            rows.append(
+                (
+                    f"qwen3-30b-a3b bf16 batch {row['batch']} (one device)",
+                    f"MBU {row['mbu']:.0%}",
+                    f"TPOT {row['tpot_median_s'] * 1e3:.2f} ms, {row['decode_tok_s']:.0f} tok/s decode; "
+                    f"reads {row['bytes_read_per_step'] / 1e9:.1f} GB per step (touched experts only)",
+                )
+            )
+    except RuntimeError as e:
+        rows.append(("bench qwen3-30b-a3b", "FAIL", str(e)[-300:]))
     print(f"\nsummary ({time.time() - t0:.0f} s; {versions()})")
     print("| check | result | detail |\n|---|---|---|")
     for name, result, detail in rows:

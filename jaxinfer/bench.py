@@ -113,7 +113,12 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
         * np.dtype(setup.dtype).itemsize
     )
     median = statistics.median(tpot)
+    moe = {}
+    if llm.config.num_experts:
+        tokens, itemsize = b // llm.mesh.shape["dp"], np.dtype(setup.dtype).itemsize
+        moe = {"moe_decode_mode": setup.moe.mode(llm.config, tokens, itemsize)}
     return {
+        **moe,
         "batch": batch,
         "ttft_s": ttft,
         "tpot_median_s": median,
@@ -151,16 +156,18 @@ def format_table(r: dict) -> str:
         f"peak copy bandwidth {r['peak_bandwidth_gb_s']:.1f} GB/s; "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
     )
+    moe = any("moe_decode_mode" in x for x in r["rows"])
     lines = [
         head,
         "| batch | TTFT ms | TPOT ms (median / p90) | decode tok/s | generate() tok/s | roofline tok/s | MBU "
-        "| pipeline bubble |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pipeline bubble |" + (" MoE decode dispatch |" if moe else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if moe else ""),
     ]
     for x in r["rows"]:
         lines.append(
             f"| {x['batch']} | {x['ttft_s'] * 1e3:.1f} | {x['tpot_median_s'] * 1e3:.2f} / "
             f"{x['tpot_p90_s'] * 1e3:.2f} | {x['decode_tok_s']:.1f} | {x['generate_tok_s']:.1f} | "
             f"{x['roofline_tok_s']:.1f} | {x['mbu']:.0%} | {x['bubble_fraction']:.0%} |"
+            + (f" {x['moe_decode_mode']} |" if moe else "")
         )
     return "\n".join(lines)

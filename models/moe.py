@@ -91,8 +91,9 @@ class MoE:
         """h [B, T, D] (normed) -> the weighted sum of its tokens' top-k experts, [B, T, D]."""
         rules = dict(self.rules)
         b, t, _ = h.shape
-        batch_axis = rules.get("batch")
-        shards = self.mesh.shape[batch_axis] if batch_axis else 1
+        shards = self.mesh.shape[rules["batch"]] if rules.get("batch") else 1
+        if b % shards:  # a batch the dp axis cannot split (one prefill chunk): every dp group takes it whole
+            rules["batch"], shards = None, 1
         mode = self.mode(cfg, b * t // shards, h.dtype.itemsize)
         act = sharding.spec(("batch", None, "embed"), rules)
         gate_up = sharding.spec(("experts", "embed", None, "expert_mlp"), rules)
@@ -104,7 +105,7 @@ class MoE:
             gmm=self._gmm(),
             factor=self.capacity_factor,
             ep_axis=rules["experts"],
-            mlp_axes=(rules["expert_mlp"],) if rules["expert_mlp"] else (),
+            mlp_axes=tuple(a for a in [rules["expert_mlp"]] if a and self.mesh.shape[a] > 1),
         )
         # Inside a pipeline stage the context mesh already has pp manual; take it from there.
         mesh = jax.sharding.get_abstract_mesh()

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 import jaxinfer
-from jaxinfer import JaxinferError, explain, sharding
+from jaxinfer import JaxinferError, config, explain, sharding
 from jaxinfer.config import ModelConfig
 from models import moe
 from tests import tiny
@@ -220,3 +220,48 @@ def test_errors(tiny_dir):
         jaxinfer.LLM(path, moe_dispatch="ring")
     with pytest.raises(JaxinferError, match=r"num_experts_per_tok=9 must be in \[1, num_experts=8\]"):
         dataclasses.replace(CFG, num_experts_per_tok=9)
+    with pytest.raises(JaxinferError, match=r"GGUF mixture-of-experts models are not supported .*safetensors"):
+        config.from_gguf_metadata({"general.architecture": "llama", "llama.expert_count": 8})
+
+
+def test_each_device_reads_only_its_experts(tiny_dir, monkeypatch):
+    from jaxinfer import checkpoint
+
+    reads = []
+    original = checkpoint.read_shard
+
+    def spy(w, read, layer, index):
+        out = original(w, read, layer, index)
+        if not w.experts and "experts." in str(w.hf) and w.fused is None:
+            reads.append((w.checkpoint_name(layer), out.size))
+        return out
+
+    monkeypatch.setattr(checkpoint, "read_shard", spy)
+    llm = jaxinfer.LLM(str(tiny_dir("mixtral")), ep=4, tp=2)
+    cfg = llm.config
+    down = [(name, n) for name, n in reads if name.endswith("w2.weight")]
+    # every expert tensor of every layer read in tp halves, each half once: nothing read twice
+    assert all(n == cfg.moe_intermediate_size * cfg.hidden_size // 2 for _, n in down)
+    assert len(down) == cfg.num_layers * cfg.num_experts * 2
+
+
+def test_orbax_round_trip_onto_another_ep(tiny_dir, reference, tmp_path):
+    from jaxinfer import checkpoint
+
+    llm = jaxinfer.LLM(str(tiny_dir("qwen3_moe")), ep=2)
+    checkpoint.save_orbax(tmp_path / "ckpt", llm.config, llm.params, llm.tokenizer)
+    restored = jaxinfer.LLM(str(tmp_path / "ckpt"), ep=8)
+    assert restored.config == llm.config
+    assert rel_err(restored.score(IDS), reference("qwen3_moe")) < 1e-4
+
+
+@pytest.mark.parametrize("dispatch", ["psum", "all_to_all"])
+def test_dp_ep_tp_mesh_equals_one_device(tiny_dir, dispatch):
+    # three prompts over dp=2: decode batches split over dp, single prefill chunks do not
+    path = str(tiny_dir("mixtral"))
+    prompts = [IDS[:3], IDS[:11], IDS[4:9]]
+    params = jaxinfer.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in jaxinfer.LLM(path).generate(prompts, params)]
+    llm = jaxinfer.LLM(path, dp=2, ep=2, tp=2, moe_dispatch=dispatch)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert [o.token_ids for o in llm.generate_static(prompts, params)] == want
