@@ -53,3 +53,17 @@ def test_help_lists_every_flag_and_bad_input_is_one_line():
     bad = _run("generate", "--tp=2", "--top_p=2", "--prompt=hi")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == "error: top_p=2.0 must be in (0, 1] (1 disables it)"
+
+
+def test_moe_on_an_expert_parallel_mesh(tiny_dir):
+    path = str(tiny_dir("mixtral"))
+    args = ("generate", f"--model={path}", "--prompt_ids=3,17,250,42,8", "--max_tokens=6", "--ignore_eos")
+    r = _run(*args, "--ep=4", "--tp=2", "--moe_dispatch=all_to_all")
+    assert r.returncode == 0, r.stderr
+    api = jaxinfer.LLM(path).generate(
+        [[3, 17, 250, 42, 8]], jaxinfer.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    )
+    assert r.stdout.split() == [str(t) for t in api[0].token_ids]
+    assert "'ep': 4" in r.stderr
+    bad = _run(*args, "--ep=3")
+    assert bad.returncode == 1 and "num_experts=8 is not divisible by ep=3" in bad.stderr.strip().splitlines()[-1]
