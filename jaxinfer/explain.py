@@ -52,16 +52,18 @@ def abstract_cache(setup: Setup, batch: int, length: int) -> llama.KVCache:
 
 
 def step_report(compiled, num_layers: int, dtype) -> dict:
-    """Collectives per step and per layer. A reduction the backend widened (XLA:CPU sums bf16 in f32)
-    is counted at the program's dtype, which is what a GPU moves."""
+    """Collectives per step and per layer, `num_layers` being the trip count of a layer loop (a pipeline
+    stage runs one loop over its layers in each tick it works; per layer counts one loop). A reduction
+    the backend widened (XLA:CPU sums bf16 in f32) is counted at the program's dtype, which is what a
+    GPU moves."""
     text = compiled.as_text()
     itemsize = np.dtype(dtype).itemsize
-    trips = hlo.loop_trip_counts(text)
+    bodies = {name for name, n in hlo.loop_trip_counts(text).items() if n == num_layers}
     # A layer's collectives may sit in computations its loop body calls (the MoE dispatch's branches).
-    layer_bodies = hlo.reachable(text, {name for name, n in trips.items() if n == num_layers})
+    in_layers = hlo.reachable(text, bodies)
     report: dict[str, dict[str, int]] = {}
     for c in hlo.collectives(text):
-        in_layer = c.computation in layer_bodies
+        in_layer = c.computation in in_layers
         entry = report.setdefault(c.kind, {"count": 0, "bytes": 0, "per_layer_count": 0, "per_layer_bytes": 0})
         size = c.bytes * itemsize // 4 if c.promoted else c.bytes
         times = num_layers if in_layer else 1
@@ -70,6 +72,9 @@ def step_report(compiled, num_layers: int, dtype) -> dict:
         if in_layer:
             entry["per_layer_count"] += 1
             entry["per_layer_bytes"] += size
+    for entry in report.values():
+        entry["per_layer_count"] //= max(1, len(bodies))
+        entry["per_layer_bytes"] //= max(1, len(bodies))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
@@ -134,7 +139,8 @@ def explain(
         ("prefill", prefill, rows * t, t, step_param_bytes(setup, rows * t)),
         ("decode", decode, rows, cache_len, step_param_bytes(setup, rows) + kv_bytes),
     ):
-        step = step_report(compiled, cfg.num_layers, setup.dtype)
+        # Pipeline stages each scan their own slice of the layers (once per tick they work).
+        step = step_report(compiled, cfg.num_layers // setup.mesh.shape["pp"], setup.dtype)
         step["bytes_read"] = reads
         step["flops"] = matmul_flops(setup, tokens_in, kv_len, rows)
         step["arithmetic_intensity"] = step["flops"] / reads
