@@ -106,6 +106,7 @@ class MoE:
             factor=self.capacity_factor,
             ep_axis=rules["experts"],
             mlp_axes=tuple(a for a in [rules["expert_mlp"]] if a and self.mesh.shape[a] > 1),
+            ep_split=self.mesh.shape[rules["experts"]] > 1,
         )
         # Inside a pipeline stage the context mesh already has pp manual; take it from there.
         mesh = jax.sharding.get_abstract_mesh()
@@ -141,14 +142,15 @@ def _local(experts, first: int, count: int):
     return jnp.where((local >= 0) & (local < count), local, count)
 
 
-def _psum_path(x, router, w_gate_up, w_down, *, cfg, gmm, ep_axis, mlp_axes):
+def _psum_path(x, router, w_gate_up, w_down, *, cfg, gmm, ep_axis, mlp_axes, ep_split=True):
     count = w_gate_up.shape[0]
     weights, experts = route(x, router, cfg)
     ids = _local(experts, jax.lax.axis_index(ep_axis) * count, count)
     xs, group_sizes, order = kernels.permute(x, ids, count)
     ys = _experts(xs, group_sizes, w_gate_up, w_down, gmm)
     y = kernels.unpermute(ys, order, jnp.where(ids < count, weights, 0))
-    return sharding.psum(y, (ep_axis, *mlp_axes))
+    axes = (ep_axis, *mlp_axes) if ep_split else mlp_axes
+    return sharding.psum(y, axes) if axes else y
 
 
 def _pack(a, dtype):
@@ -209,12 +211,12 @@ def _dispatch_path(x, router, w_gate_up, w_down, *, cfg, gmm, ep_axis, mlp_axes,
     return jax.lax.cond(fits, send, fallback, None)
 
 
-def _routed(h, router, w_gate_up, w_down, *, cfg, mode, gmm, factor, ep_axis, mlp_axes):
+def _routed(h, router, w_gate_up, w_down, *, cfg, mode, gmm, factor, ep_axis, mlp_axes, ep_split):
     b, t, d = h.shape
     x = h.reshape(b * t, d)
     args = dict(cfg=cfg, gmm=gmm, ep_axis=ep_axis, mlp_axes=mlp_axes)
     if mode == "all_to_all":
         y = _dispatch_path(x, router, w_gate_up, w_down, factor=factor, **args)
     else:
-        y = _psum_path(x, router, w_gate_up, w_down, **args)
+        y = _psum_path(x, router, w_gate_up, w_down, ep_split=ep_split, **args)
     return y.reshape(b, t, d)
