@@ -269,3 +269,29 @@ def test_dp_ep_tp_mesh_equals_one_device(tiny_dir, dispatch):
     llm = jaxinfer.LLM(path, dp=2, ep=2, tp=2, moe_dispatch=dispatch)
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     assert [o.token_ids for o in llm.generate_static(prompts, params)] == want
+
+
+@pytest.mark.parametrize("dispatch", ["psum", "all_to_all"])
+def test_bfloat16_dispatch(tiny_dir, reference, dispatch):
+    # bf16 rows carry the routing as bit-cast pairs; sums on CPU run widened (sharding.psum)
+    llm = jaxinfer.LLM(str(tiny_dir("mixtral")), ep=4, tp=2, dtype="bfloat16", moe_dispatch=dispatch)
+    assert rel_err(llm.score(IDS), reference("mixtral")) < 5e-2
+
+
+def test_sparse_step_and_dense_layers_from_config():
+    base = dict(
+        model_type="qwen3_moe",
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )
+    cfg = config.from_hf_config({**base, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
+    assert cfg.moe_layers == (1, 5) and cfg.dense_layers == (0, 2, 3, 4) and not cfg.norm_topk_prob
+    mixtral = config.from_hf_config({**base, "model_type": "mixtral", "num_local_experts": 4})
+    assert mixtral.num_experts == 4 and mixtral.moe_layers == tuple(range(6)) and mixtral.norm_topk_prob
+    assert mixtral.moe_intermediate_size == 64  # Mixtral's experts use intermediate_size
