@@ -19,6 +19,7 @@ import numpy as np
 from jaxinfer import explain, pipeline, steps
 from jaxinfer.llm import DECODE_CHUNK, LLM, buckets
 from jaxinfer.sampling import SamplingParams
+from models.moe import dispatch_bytes
 
 
 def _best_time(fn, *args, reps: int) -> float:
@@ -116,7 +117,11 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
     moe = {}
     if llm.config.num_experts:
         tokens, itemsize = b // llm.mesh.shape["dp"], np.dtype(setup.dtype).itemsize
-        moe = {"moe_decode_mode": setup.moe.mode(llm.config, tokens, itemsize)}
+        mode = setup.moe.mode(llm.config, tokens, itemsize)
+        sent = dispatch_bytes(
+            llm.config, llm.mesh.shape["ep"], llm.mesh.shape["tp"], tokens, itemsize, setup.moe.capacity_factor
+        )[mode]
+        moe = {"moe_decode_mode": mode, "moe_bytes_sent_per_token_per_layer": sent / tokens}
     return {
         **moe,
         "batch": batch,
@@ -145,6 +150,11 @@ def run(llm: LLM, batch_sizes: list[int], prompt_len: int, gen_len: int) -> dict
         "peak_bandwidth_gb_s": peak / 1e9,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
+        **(
+            {"expert_param_bytes_per_device": explain.per_device_param_bytes(llm.setup, explain.EXPERT_PARAMS)}
+            if llm.config.num_experts
+            else {}
+        ),
         "rows": rows,
     }
 
@@ -157,10 +167,12 @@ def format_table(r: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
     )
     moe = any("moe_decode_mode" in x for x in r["rows"])
+    if "expert_param_bytes_per_device" in r:
+        head += f"; expert weights per device {r['expert_param_bytes_per_device'] / (1 << 30):.3f} GiB"
     lines = [
         head,
         "| batch | TTFT ms | TPOT ms (median / p90) | decode tok/s | generate() tok/s | roofline tok/s | MBU "
-        "| pipeline bubble |" + (" MoE decode dispatch |" if moe else ""),
+        "| pipeline bubble |" + (" MoE decode dispatch, bytes sent per token per layer |" if moe else ""),
         "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if moe else ""),
     ]
     for x in r["rows"]:
@@ -168,6 +180,6 @@ def format_table(r: dict) -> str:
             f"| {x['batch']} | {x['ttft_s'] * 1e3:.1f} | {x['tpot_median_s'] * 1e3:.2f} / "
             f"{x['tpot_p90_s'] * 1e3:.2f} | {x['decode_tok_s']:.1f} | {x['generate_tok_s']:.1f} | "
             f"{x['roofline_tok_s']:.1f} | {x['mbu']:.0%} | {x['bubble_fraction']:.0%} |"
-            + (f" {x['moe_decode_mode']} |" if moe else "")
+            + (f" {x['moe_decode_mode']}, {x['moe_bytes_sent_per_token_per_layer']:.0f} |" if moe else "")
         )
     return "\n".join(lines)

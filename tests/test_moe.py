@@ -295,3 +295,16 @@ def test_sparse_step_and_dense_layers_from_config():
     mixtral = config.from_hf_config({**base, "model_type": "mixtral", "num_local_experts": 4})
     assert mixtral.num_experts == 4 and mixtral.moe_layers == tuple(range(6)) and mixtral.norm_topk_prob
     assert mixtral.moe_intermediate_size == 64  # Mixtral's experts use intermediate_size
+
+
+def test_bench_reports_expert_memory_and_dispatch(tiny_dir):
+    from jaxinfer import bench
+
+    llm = jaxinfer.LLM(str(tiny_dir("mixtral")), ep=4)
+    r = bench.run(llm, [1], prompt_len=6, gen_len=9)
+    cfg = llm.config
+    total = cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    assert r["expert_param_bytes_per_device"] == total // 4
+    row = r["rows"][0]
+    assert row["moe_decode_mode"] == "psum" and row["moe_bytes_sent_per_token_per_layer"] == 2 * 3 / 4 * 64 * 4
+    assert "expert weights per device" in bench.format_table(r)
