@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import re
@@ -600,20 +601,7 @@ class _Stops:
 
 def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs) -> list[Completion]:
     """One call: load `model` with the LLM keyword arguments, generate with the SamplingParams ones."""
-    llm_keys = {
-        "tp",
-        "pp",
-        "ep",
-        "sp",
-        "dp",
-        "mesh",
-        "dtype",
-        "max_seq_len",
-        "random_weights",
-        "unroll_layers",
-        "moe_dispatch",
-        "moe_kernel",
-    }
+    llm_keys = set(inspect.signature(LLM).parameters) - {"model"}
     sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = set(kwargs) - llm_keys - sampling_keys
     if unknown:
