@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -159,6 +160,15 @@ def cmd_bench() -> None:
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "explain": cmd_explain, "bench": cmd_bench}
 
 
+def _keep_stdout_for_results() -> None:
+    """Completions alone on stdout: native code that prints there (gloo writes connection notes to
+    it from several threads at once) is pointed at stderr, Python's stdout at a copy of the original."""
+    sys.stdout.flush()
+    results = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(results, "w", buffering=1)
+
+
 def main(argv: list[str]) -> int:
     from jaxinfer import distributed
     from jaxinfer.errors import JaxinferError
@@ -166,6 +176,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         sys.stderr.write(USAGE)
         return 2
+    _keep_stdout_for_results()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)

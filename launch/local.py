@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,18 +22,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-GLOO_NOTE = re.compile(
-    r"(\[Gloo\] )?(Rank )?\d+ is connected to \d+ peer ranks\. Expected number of connected peer "
-    r"ranks is : \d+\n?"
-)
-
-
-def clean(text: str) -> str:
-    """Process 0's output less the connection notes the gloo library prints on stdout, which its
-    threads may interleave with one another."""
-    return re.sub(r"\[Gloo\] (Rank )?", "", GLOO_NOTE.sub("", text))
 
 
 def main(argv: list[str]) -> int:
@@ -86,7 +73,7 @@ def main(argv: list[str]) -> int:
     for p in procs:
         p.wait()
     time.sleep(0.2)  # let the reader take process 0's last bytes
-    sys.stdout.write(clean(b"".join(out).decode(errors="replace")))
+    sys.stdout.write(b"".join(out).decode(errors="replace"))
     sys.stdout.flush()
     if failed is None:
         return 0
