@@ -19,7 +19,6 @@ import numpy as np
 from jaxinfer import explain, pipeline, steps
 from jaxinfer.llm import DECODE_CHUNK, LLM, buckets
 from jaxinfer.sampling import SamplingParams
-from models.moe import dispatch_bytes
 
 
 def _best_time(fn, *args, reps: int) -> float:
@@ -118,9 +117,7 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
     if llm.config.num_experts:
         tokens, itemsize = b // llm.mesh.shape["dp"], np.dtype(setup.dtype).itemsize
         mode = setup.moe.mode(llm.config, tokens, itemsize)
-        sent = dispatch_bytes(
-            llm.config, llm.mesh.shape["ep"], llm.mesh.shape["tp"], tokens, itemsize, setup.moe.capacity_factor
-        )[mode]
+        sent = setup.moe.cost(llm.config, tokens, itemsize)[mode]
         moe = {"moe_decode_mode": mode, "moe_bytes_sent_per_token_per_layer": sent / tokens}
     return {
         **moe,

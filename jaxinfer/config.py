@@ -78,9 +78,13 @@ class ModelConfig:
         per_layer = d * (q + 2 * kv) + q * d + 2 * d
         per_layer += (q + 2 * kv) if self.qkv_bias else 0
         per_layer += 2 * self.head_dim if self.qk_norm else 0
-        moe = d * self.num_experts + 3 * d * self.moe_intermediate_size * experts
-        layers = self.num_layers * per_layer + len(self.dense_layers) * 3 * d * f + len(self.moe_layers) * moe
-        return layers + v * d * (1 if self.tie_word_embeddings else 2) + d
+        routers = len(self.moe_layers) * d * self.num_experts
+        layers = self.num_layers * per_layer + len(self.dense_layers) * 3 * d * f + routers
+        return layers + self.expert_param_count(experts) + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+    def expert_param_count(self, experts: int) -> int:
+        """Parameters of `experts` experts in every routed layer (their gate, up and down matrices)."""
+        return len(self.moe_layers) * 3 * self.hidden_size * self.moe_intermediate_size * experts
 
     @property
     def param_count(self) -> int:

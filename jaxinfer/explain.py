@@ -16,7 +16,7 @@ from flax import nnx
 from jaxinfer import hlo, pipeline, steps
 from jaxinfer.llm import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
-from models import llama, moe
+from models import llama
 
 EXPERT_PARAMS = ("we_gate_up", "we_down")
 
@@ -92,7 +92,7 @@ def matmul_flops(setup: Setup, tokens: int, kv_len: int, head_tokens: int) -> fl
     cfg = setup.config
     tp, ep = setup.mesh.shape["tp"], setup.mesh.shape["ep"]
     head = cfg.vocab_size * cfg.hidden_size
-    experts = len(cfg.moe_layers) * 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_experts_per_tok
+    experts = cfg.expert_param_count(cfg.num_experts_per_tok)
     layers = cfg.active_param_count - head * (1 if cfg.tie_word_embeddings else 2) - experts
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * kv_len
     return (tokens * (2 * layers + attn + 2 * experts / ep) + head_tokens * 2 * head) / tp
@@ -165,16 +165,15 @@ def explain(
 def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:
     """Expert memory per device, the dispatch mode of each step, its all-to-all bytes from the HLO, and
     the cost model's bytes for both modes (what "auto" chose by)."""
-    cfg, mesh = setup.config, setup.mesh
+    cfg = setup.config
     itemsize = np.dtype(setup.dtype).itemsize
-    expert_total = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     out = {
         "experts": cfg.num_experts,
         "top_k": cfg.num_experts_per_tok,
         "routed_layers": len(cfg.moe_layers),
         "expert_param_bytes": {
             "per_device": per_device_param_bytes(setup, EXPERT_PARAMS),
-            "total": expert_total * itemsize,
+            "total": cfg.expert_param_count(cfg.num_experts) * itemsize,
         },
         "steps": {},
     }
@@ -185,9 +184,7 @@ def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:
             "mode": setup.moe.mode(cfg, n, itemsize),
             "all_to_all_per_layer": a2a.get("per_layer_count", 0),
             "all_to_all_bytes_per_token_per_layer": a2a.get("per_layer_bytes", 0) / n,
-            "model_bytes_sent_per_layer": moe.dispatch_bytes(
-                cfg, mesh.shape["ep"], mesh.shape["tp"], n, itemsize, setup.moe.capacity_factor
-            ),
+            "model_bytes_sent_per_layer": setup.moe.cost(cfg, n, itemsize),
         }
     return out
 

@@ -80,11 +80,15 @@ class MoE:
     kernel: str = "xla"
     capacity_factor: float = CAPACITY_FACTOR
 
+    def cost(self, cfg: ModelConfig, tokens: int, itemsize: int) -> dict[str, float]:
+        """dispatch_bytes on this mesh: bytes one device sends per layer in each mode."""
+        ep, tp = self.mesh.shape["ep"], self.mesh.shape["tp"]
+        return dispatch_bytes(cfg, ep, tp, tokens, itemsize, self.capacity_factor)
+
     def mode(self, cfg: ModelConfig, tokens: int, itemsize: int) -> str:
         if self.dispatch != "auto":
             return self.dispatch
-        ep, tp = self.mesh.shape["ep"], self.mesh.shape["tp"]
-        cost = dispatch_bytes(cfg, ep, tp, tokens, itemsize, self.capacity_factor)
+        cost = self.cost(cfg, tokens, itemsize)
         return min(cost, key=cost.get)
 
     def __call__(self, p: dict, h, cfg: ModelConfig):
