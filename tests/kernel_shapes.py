@@ -1,0 +1,46 @@
+"""Shapes the Pallas kernels run at: the interpret-mode tests' shapes and real model shapes. Plain data,
+so both the kernel tests (jax 0.10.2 and 0.11.2) and the sm_90 compile gate read the same table."""
+
+# Paged decode attention: (batch, q heads, kv heads, head_dim, page_size, pages_per_seq).
+ATTENTION_TEST = [
+    (3, 8, 2, 32, 4, 5),
+    (2, 4, 4, 16, 8, 3),
+    (4, 6, 1, 16, 2, 7),
+    (1, 9, 3, 64, 16, 2),
+    (2, 8, 2, 16, 1, 70),
+    (3, 4, 2, 32, 3, 30),
+    (2, 8, 8, 64, 64, 3),
+]
+
+# Llama-3-8B (32 q heads) and Llama-3-70B (64) decode: 8 kv heads, head_dim 128, bf16.
+ATTENTION_REAL = [
+    (name, heads, layers, page, batch, context)
+    for name, heads, layers in (("llama3-8b", 32, 32), ("llama3-70b", 64, 80))
+    for page in (16, 32)
+    for batch, context in ((1, 1024), (1, 32768), (16, 8192), (64, 1024), (64, 32768))
+]
+
+# Grouped matmul: (id, rows M, K, N, group sizes, (block_m, block_n, block_k) or None for the defaults).
+DECODE_SIZES = [0] * 128  # 128 experts, 9 of them hit by a few decode rows, the rest empty
+for _expert, _rows in zip((3, 4, 17, 40, 41, 77, 90, 126, 127), (2, 1, 4, 3, 1, 2, 5, 1, 3)):
+    DECODE_SIZES[_expert] = _rows
+GROUPED_TEST = [
+    ("empty-groups", 100, 40, 70, [10, 0, 37, 0, 30], (16, 32, 16)),  # 23 rows past the sum, ragged dims
+    ("one-group", 64, 32, 48, [0, 64, 0], (16, 16, 16)),
+    ("tiny-groups", 50, 24, 33, [0, 3, 1, 40, 6, 0], (16, 16, 32)),  # tiny groups sharing a tile, sum == M
+    ("default-blocks", 37, 24, 200, [20, 17], None),  # two column tiles
+    ("all-empty", 20, 16, 16, [0, 0, 0], (16, 16, 16)),
+    ("mid-tile-bounds", 64, 32, 32, [5, 20, 13, 26], (16, 16, 16)),  # groups spanning 2-3 tiles
+    ("16-groups-one-tile", 64, 16, 32, [3] * 16, (64, 32, 16)),  # 16 rows past the sum
+    ("last-group", 40, 16, 32, [0, 0, 0, 40], (16, 16, 16)),
+    ("ragged-m", 45, 32, 16, [7, 30, 2], (32, 16, 32)),  # M not a multiple of block_m
+    ("decode-128-groups", 24, 32, 32, DECODE_SIZES, None),  # mostly empty, default (small) block_m
+]
+
+# Mixtral-8x7B and Qwen3-30B-A3B expert matmuls, bf16: (name, tokens x top-k rows, K, N, experts).
+GROUPED_REAL = [
+    (f"{model} {phase} {proj}", tokens * top_k, k, n, experts)
+    for model, d, f, experts, top_k in (("mixtral-8x7b", 4096, 14336, 8, 2), ("qwen3-30b-a3b", 2048, 768, 128, 8))
+    for phase, tokens in (("prefill 8k", 8192), ("decode 64", 64))
+    for proj, k, n in (("gate_up", d, 2 * f), ("down", f, d))
+]
