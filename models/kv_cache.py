@@ -75,12 +75,14 @@ class PagedKVCache(NamedTuple):
         return self._replace(k=k_new, v=v_new)
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel: Callable | None = None):
-        k_pages, v_pages = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (self.k, self.v))
+        # Both paths read the whole pool at `layer`: slicing one layer out first would copy it every step.
         if kernel is not None and q.shape[1] == 1 and not sliding_window:
-            return kernel(q[:, 0], k_pages, v_pages, q_pos[:, 0] + 1, self.block_tables)[:, None]
+            return kernel(q[:, 0], self.k, self.v, q_pos[:, 0] + 1, self.block_tables, layer)[:, None]
         b = q.shape[0]
-        # Gather each sequence's pages into a contiguous [B, K, S, H] view (the fallback path).
-        k, v = (p[self.block_tables].reshape(b, -1, *p.shape[2:]).transpose(0, 2, 1, 3) for p in (k_pages, v_pages))
+        # Gather each sequence's pages into a contiguous [B, K, S, H] view (the XLA path).
+        k, v = (
+            c[layer, self.block_tables].reshape(b, -1, *c.shape[3:]).transpose(0, 2, 1, 3) for c in (self.k, self.v)
+        )
         return attention(q, k, v, q_pos, sliding_window)
 
     def rows(self, start, size: int) -> PagedKVCache:
