@@ -37,6 +37,13 @@ flags.DEFINE_enum(
     "moe_dispatch", "auto", ["auto", "all_to_all", "psum"], "MoE: how tokens reach their experts (see README)."
 )
 flags.DEFINE_enum(
+    "attention",
+    "auto",
+    ["auto", "pallas", "interpret", "xla"],
+    "Engine decode attention: auto (the Pallas kernel on GPU when it compiles, else XLA; logged), pallas, "
+    "interpret (Pallas interpret mode, CPU tests) or xla.",
+)
+flags.DEFINE_enum(
     "moe_kernel", "auto", ["auto", "pallas", "interpret", "xla"], "MoE: the grouped expert matmul implementation."
 )
 flags.DEFINE_integer("batch", 1, "explain: batch size of the steps to compile.")
@@ -77,6 +84,7 @@ def _llm():
         random_weights=FLAGS.random_weights,
         moe_dispatch=FLAGS.moe_dispatch,
         moe_kernel=FLAGS.moe_kernel,
+        attention=FLAGS.attention,
     )
 
 
@@ -144,6 +152,8 @@ def cmd_explain() -> None:
         FLAGS.prompt_len,
         FLAGS.gen_len,
         moe_dispatch=FLAGS.moe_dispatch,
+        attention=FLAGS.attention,
+        moe_kernel=FLAGS.moe_kernel,
     )
     print(json.dumps(report) if FLAGS.json else explain.format_report(report))
 

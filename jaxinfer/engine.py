@@ -130,7 +130,6 @@ class Engine:
         prefill_chunk: int,
         memory_fraction: float = 0.5,
         decode_steps: int = 8,
-        attention: str = "auto",
     ):
         self.llm = llm
         self.slots = max_num_seqs
@@ -150,7 +149,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.ids = itertools.count()
-        self.graphdef = llm.graphdef_for(attention)
+        self.graphdef = llm.paged_graphdef()
         self.preemptions = 0
 
     # --- requests --------------------------------------------------------------------------------

@@ -107,8 +107,19 @@ def explain(
     prompt_len: int = 128,
     gen_len: int = 128,
     moe_dispatch: str = "auto",
+    attention: str = "auto",
+    moe_kernel: str = "auto",
 ) -> dict:
-    setup = prepare(model, axes, mesh, dtype, random_weights=True, moe_dispatch=moe_dispatch)
+    setup = prepare(
+        model,
+        axes,
+        mesh,
+        dtype,
+        random_weights=True,
+        moe_dispatch=moe_dispatch,
+        attention=attention,
+        moe_kernel=moe_kernel,
+    )
     cfg = setup.config
     b, t, cache_len = buckets(batch, prompt_len, gen_len, setup.mesh.shape["dp"], setup.max_seq_len)
     cache = abstract_cache(setup, b, cache_len)
@@ -132,6 +143,7 @@ def explain(
         "shapes": {"batch": b, "prompt_len": t, "cache_len": cache_len},
         "per_device": {"param_bytes": param_bytes, "kv_cache_bytes": kv_bytes},
         "total": {"param_bytes": cfg.param_count * np.dtype(setup.dtype).itemsize, "devices": n_dev},
+        "kernels": setup.kernel_report(),
         "steps": {},
     }
     rows = b // setup.mesh.shape["dp"]  # sequences on one device
@@ -199,6 +211,7 @@ def format_report(r: dict) -> str:
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "
         f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB",
     ]
+    lines += [f"{step}: {impl}" for step, impl in r["kernels"].items()]
     if "moe" in r:
         m = r["moe"]
         e = m["expert_param_bytes"]

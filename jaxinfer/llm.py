@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import checkpoint, sharding, steps
+from jaxinfer import checkpoint, kernels, sharding, steps
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_PROMPT_BUCKET = 16
 DECODE_CHUNK = 8  # decode steps per compiled call; tokens come back to the host this often
-KERNEL_CHOICES = ("auto", "pallas", "interpret", "xla")
 
 
 @dataclasses.dataclass
@@ -83,6 +82,18 @@ class Setup:
     graphdef: nnx.GraphDef
     abstract: nnx.State  # parameters as ShapeDtypeStructs carrying their shardings
     moe: MoE | None = None  # how routed layers dispatch tokens to their experts
+    attention: kernels.Choice | None = None  # paged decode attention: implementation and why
+    moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
+
+    def kernel_report(self) -> dict[str, str]:
+        """Which implementation each compiled step uses, and why."""
+        out = {
+            "engine decode attention": str(self.attention),
+            "prefill and static-path attention": "xla (the Pallas kernel is for paged decode)",
+        }
+        if self.moe_kernel is not None:
+            out["expert matmul"] = str(self.moe_kernel)
+        return out
 
     def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
         """The abstract model (no weights made) split into graph and state."""
@@ -134,28 +145,29 @@ class Setup:
         sh = sharding.named(self.mesh, kv_cache.PAGE_AXES, self.rules)
         return tuple(steps.init_cache(self.page_shape(num_pages, page_size), self.dtype, sh))
 
-    def attention_kernel(self, kind: str):
-        """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA
-        path. kind: "pallas" (compiled), "interpret" (Pallas interpret mode, for CPU tests), "xla", or
-        "auto" (pallas on GPU, xla elsewhere, where the kernel cannot compile)."""
-        if kind == "auto":
-            kind = "pallas" if jax.default_backend() == "gpu" and _kernel_compiles(self.dtype) else "xla"
-        if kind not in ("pallas", "interpret", "xla"):
-            raise JaxinferError(f"attention={kind!r}; use auto, pallas, interpret or xla")
+    def attention_kernel(self):
+        """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA path."""
+        kind = self.attention.impl
         if kind == "xla":
             return None
         from pallas_kernels.paged_attention import paged_attention
 
         r = self.rules
         q = P(r["batch"], r["q_heads"], None)
-        pages = P(None, None, r["cache_heads"], None)
-        return jax.shard_map(
-            functools.partial(paged_attention, interpret=kind == "interpret"),
-            mesh=self.mesh,
-            in_specs=(q, pages, pages, P(r["batch"]), P(r["batch"], None)),
-            out_specs=q,
-            check_vma=False,
-        )
+        pages = P(None, None, None, r["cache_heads"], None)  # the layers a pipeline stage holds, whole
+        specs = (q, pages, pages, P(r["batch"]), P(r["batch"], None), P())
+        kernel = functools.partial(paged_attention, interpret=kind == "interpret")
+
+        def attend(*args):
+            # Inside a pipeline stage the context mesh already has pp manual; take it from there.
+            mesh = jax.sharding.get_abstract_mesh()
+            mesh = self.mesh if mesh.empty else mesh
+            manual = {a for s in specs for a in s if a is not None}
+            return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=q, axis_names=manual, check_vma=False)(
+                *args
+            )
+
+        return attend
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A host batch [B, ...] onto the mesh, split over the batch axis."""
@@ -180,33 +192,6 @@ class Setup:
         return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
 
 
-def _kernel_compiles(dtype) -> bool:
-    """Whether the Pallas paged-attention kernel compiles and runs here (checked once, on a toy case)."""
-    from pallas_kernels.paged_attention import paged_attention
-
-    try:
-        q = jnp.zeros((1, 16, 64), dtype)
-        pages = jnp.zeros((2, 16, 1, 64), dtype)
-        paged_attention(q, pages, pages, jnp.ones(1, jnp.int32), jnp.ones((1, 1), jnp.int32)).block_until_ready()
-        return True
-    except Exception as e:  # any lowering or runtime failure: fall back to the XLA path
-        log.warning("Pallas paged attention unavailable here (%s: %s); using the XLA path", type(e).__name__, e)
-        return False
-
-
-def _moe_kernel_compiles(dtype) -> bool:
-    """Whether the Pallas grouped matmul compiles and runs here (checked once, on a toy case)."""
-    from pallas_kernels.moe import grouped_matmul
-
-    try:
-        x, w = jnp.ones((64, 64), dtype), jnp.ones((2, 64, 64), dtype)
-        grouped_matmul(x, w, jnp.array([40, 24], jnp.int32)).block_until_ready()
-        return True
-    except Exception as e:  # any lowering or runtime failure: fall back to jax.lax.ragged_dot
-        log.warning("Pallas grouped matmul unavailable here (%s: %s); using ragged_dot", type(e).__name__, e)
-        return False
-
-
 def unstack(x: jax.Array) -> list[jax.Array]:
     """[L, ...] -> L arrays [...] with the same split of the remaining dimensions."""
     sh = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[1:]))
@@ -222,13 +207,14 @@ def prepare(
     random_weights: bool = False,
     moe_dispatch: str = "auto",
     moe_kernel: str = "auto",
+    attention: str = "auto",
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
     if moe_dispatch not in DISPATCH_MODES:
         raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
-    if moe_kernel not in KERNEL_CHOICES:
-        raise JaxinferError(f"moe_kernel={moe_kernel!r}; use one of {', '.join(KERNEL_CHOICES)}")
+    kernels.check("moe_kernel", moe_kernel)
+    kernels.check("attention", attention)
     overrides = None
     if mesh is not None:
         preset = sharding.load_preset(mesh)
@@ -256,10 +242,12 @@ def prepare(
     kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
+    setup.attention = kernels.attention(cfg, dt, attention)
+    log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
-        if moe_kernel == "auto":
-            moe_kernel = "pallas" if jax.default_backend() == "gpu" and _moe_kernel_compiles(dt) else "xla"
-        setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, moe_kernel)
+        setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)
+        log.info("expert matmul: %s", setup.moe_kernel)
+        setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, setup.moe_kernel.impl)
     setup.graphdef, abstract = setup.build()
     shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
     for path, var in nnx.to_flat_state(abstract):
@@ -327,6 +315,7 @@ class LLM:
             random_weights,
             moe_dispatch=moe_dispatch,
             moe_kernel=moe_kernel,
+            attention=attention,
         )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
@@ -356,7 +345,6 @@ class LLM:
             page_size=16 if page_size is None else page_size,
             num_pages=num_pages,
             prefill_chunk=128 if prefill_chunk is None else prefill_chunk,
-            attention=attention,
         )
         self._engine = None
         log.info("loaded %s on mesh %s in %.1fs", model, dict(self.mesh.shape), time.perf_counter() - t0)
@@ -411,9 +399,9 @@ class LLM:
             self._engine = Engine(self, **self.engine_options)
         return self._engine
 
-    def graphdef_for(self, attention: str):
-        """The model graph with the paged decode-attention implementation `attention` plugged in."""
-        kernel = self.setup.attention_kernel(attention)
+    def paged_graphdef(self):
+        """The model graph with the chosen paged decode-attention implementation plugged in."""
+        kernel = self.setup.attention_kernel()
         if kernel is None:
             return self.graphdef
         return self.setup.build(kernel)[0]

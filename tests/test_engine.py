@@ -2,12 +2,15 @@
 chunked prefill, page pressure (preemption) and shared prefixes; streams, asyncio, cancellation."""
 
 import asyncio
+import re
 
+import jax
 import numpy as np
 import pytest
 
 import jaxinfer
 from jaxinfer import JaxinferError, steps
+from models.kv_cache import PagedKVCache
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -108,14 +111,68 @@ def test_asyncio_streams_concurrent_requests_and_cancels(llm):
     assert llm.engine.free_pages() == llm.engine.num_pages - 1
 
 
-def test_pallas_kernel_in_the_engine_equals_the_xla_path(tiny_dir):
+@pytest.mark.parametrize("mesh", [dict(tp=2), dict(pp=3, tp=2)], ids=["tp2", "pp3-tp2"])
+def test_pallas_kernel_in_the_engine_equals_the_xla_path(tiny_dir, mesh):
     path = str(tiny_dir("qwen3"))
-    kwargs = dict(tp=2, max_seq_len=64, max_num_seqs=2, page_size=8, num_pages=16, prefill_chunk=16)
+    kwargs = dict(**mesh, max_seq_len=64, max_num_seqs=2, page_size=8, num_pages=16, prefill_chunk=16)
     prompts = [list(range(3, 23)), list(range(40, 45))]
     params = jaxinfer.SamplingParams(max_tokens=6, **GREEDY)
     xla = jaxinfer.LLM(path, attention="xla", **kwargs).generate(prompts, params)
     kernel = jaxinfer.LLM(path, attention="interpret", **kwargs).generate(prompts, params)
     assert [o.token_ids for o in kernel] == [o.token_ids for o in xla]
+
+
+@pytest.mark.parametrize("attention", ["xla", "interpret"])
+def test_decode_reads_the_page_pool_in_place(tiny_dir, attention):
+    """No layer is sliced out of the pool (a copy of that layer's pages every step) and the pool is never
+    copied whole: attention gathers the pages it needs from [layers, pages, ...] at the layer index."""
+    llm = jaxinfer.LLM(
+        str(tiny_dir("qwen3")), max_seq_len=64, max_num_seqs=2, page_size=8, num_pages=16, attention=attention
+    )
+    eng, put, s = llm.engine, llm.setup.put, 2
+    cache = PagedKVCache(eng.cache_k, eng.cache_v, np.zeros((s, 4), np.int32), np.ones((s, 1), bool))
+    sampling = tuple(
+        put(a) for a in (np.zeros(s, np.float32), np.zeros(s, np.int32), np.ones(s, np.float32), np.zeros((s, 2), "u4"))
+    )
+    hlo = (
+        steps.decode.lower(
+            eng.graphdef,
+            llm.state,
+            cache,
+            put(np.zeros(s, "i4")),
+            put(np.zeros(s, "i4")),
+            sampling,
+            n_steps=2,
+            greedy_only=True,
+        )
+        .compile()
+        .as_text()
+    )
+    layers, pages, page, heads, dim = eng.cache_k.shape
+    assert (layers, pages) == (3, 16)
+    one_layer = f"f32[{pages},{page},{heads},{dim}]"
+    assert not re.search(re.escape(one_layer) + r"[{ ]", hlo), "a layer of the pool is sliced out"
+    whole = f"f32[{layers},{pages},{page},{heads},{dim}]"
+    assert not [line for line in hlo.splitlines() if re.search(re.escape(whole) + r"\S* copy\(", line)]
+    # The kernel, when used, takes the whole pool and the layer index.
+    if attention == "interpret":
+        jaxpr = jax.make_jaxpr(lambda *a: steps.decode(*a, n_steps=1, greedy_only=True), static_argnums=0)(
+            eng.graphdef, llm.state, cache, put(np.zeros(s, "i4")), put(np.zeros(s, "i4")), sampling
+        )
+        shapes = [
+            tuple(v.aval.shape) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call" for v in e.invars
+        ]
+        assert shapes and eng.cache_k.shape in shapes
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for param in e.params.values():
+            for sub in param if isinstance(param, tuple | list) else [param]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
 
 
 def test_requests_that_can_never_fit_and_bad_engine_settings(tiny_dir, llm):

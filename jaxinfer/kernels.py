@@ -1,0 +1,99 @@
+"""Which implementation decode attention and the grouped expert matmul use, and why.
+
+Decided once per model, before any weight is read: "auto" takes the Pallas kernel on a GPU when it
+compiles and runs at the model's head and expert sizes, the XLA path elsewhere; an explicit "pallas"
+that cannot serve the model raises. Every choice carries its reason, which `LLM` logs and `explain` and
+`bench` print, so no fallback is silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import JaxinferError
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "pallas", "interpret", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    impl: str  # "pallas" | "interpret" | "xla"
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.impl} ({self.why})"
+
+
+def check(name: str, requested: str) -> None:
+    if requested not in CHOICES:
+        raise JaxinferError(f"{name}={requested!r}; use one of {', '.join(CHOICES)}")
+
+
+def choose(name: str, requested: str, probe: Callable[[], None], unsupported: str | None = None) -> Choice:
+    """The implementation for `name` ("attention" or "moe_kernel"). `unsupported` says why the kernel
+    cannot serve this model at all (then only "auto", "xla" and "interpret" are accepted)."""
+    check(name, requested)
+    if requested == "xla":
+        return Choice("xla", f"{name}='xla' was asked for")
+    if unsupported and requested != "auto":
+        raise JaxinferError(f"{name}={requested!r} cannot serve this model: {unsupported}; use 'auto' or 'xla'")
+    if unsupported:
+        return Choice("xla", unsupported)
+    if requested == "interpret":
+        return Choice("interpret", "Pallas interpret mode was asked for (correct but slow: for CPU tests)")
+    backend = jax.default_backend()
+    if backend != "gpu":
+        if requested == "pallas":
+            raise JaxinferError(
+                f"{name}='pallas' needs a GPU (the kernel compiles with Triton for CUDA; this backend is "
+                f"{backend}); use 'auto', 'xla', or 'interpret' to run it slowly on CPU"
+            )
+        return Choice("xla", f"no GPU here ({backend}): the Pallas kernel compiles for CUDA only")
+    try:
+        probe()
+    except Exception as e:  # any lowering, compile or launch failure: report it, never hide it
+        reason = f"the Pallas kernel failed on a test case here ({type(e).__name__}: {str(e)[:300]})"
+        if requested == "pallas":
+            raise JaxinferError(f"{name}='pallas': {reason}; use 'auto' or 'xla'") from e
+        log.warning("%s: using the XLA path: %s", name, reason)
+        return Choice("xla", reason)
+    return Choice("pallas", "compiled and ran at this model's sizes")
+
+
+def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16) -> Choice:
+    """Decode attention over the paged cache (prefill and the static path always use XLA)."""
+    from pallas_kernels import paged_attention as pa
+
+    hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    unsupported = None
+    if cfg.sliding_window:
+        unsupported = f"the kernel has no sliding window (this model's is {cfg.sliding_window} tokens)"
+    elif requested != "interpret" and (hd < pa.MIN_ROWS or hd & (hd - 1)):
+        unsupported = f"head_dim {hd} is not a power of two >= {pa.MIN_ROWS}, as the compiled kernel needs"
+
+    def probe():
+        q = jnp.zeros((1, group, hd), dtype)
+        pool = jnp.zeros((1, 2, page_size, 1, hd), dtype)
+        ones = jnp.ones(1, jnp.int32)
+        pa.paged_attention(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0).block_until_ready()
+
+    return choose("attention", requested, probe, unsupported)
+
+
+def grouped_matmul(cfg: ModelConfig, dtype, requested: str) -> Choice:
+    """The routed experts' grouped matmul (only asked for mixture-of-experts models)."""
+    from pallas_kernels import moe
+
+    def probe():
+        x, w = jnp.ones((64, 64), dtype), jnp.ones((2, 64, 64), dtype)
+        moe.grouped_matmul(x, w, jnp.array([40, 24], jnp.int32)).block_until_ready()
+
+    return choose("moe_kernel", requested, probe)
