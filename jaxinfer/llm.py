@@ -208,6 +208,7 @@ def prepare(
     moe_dispatch: str = "auto",
     moe_kernel: str = "auto",
     attention: str = "auto",
+    devices=None,
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
@@ -233,8 +234,17 @@ def prepare(
             f"max_seq_len={max_seq_len} must be in [2, {cfg.max_position_embeddings}] "
             "(the model's max_position_embeddings)"
         )
-    ensure_devices(int(np.prod(list(shape.values()))))
-    device_mesh = sharding.make_mesh(shape)
+    need = int(np.prod(list(shape.values())))
+    if devices is not None:
+        devices = list(devices)
+        if len(devices) != need or len(set(devices)) != need:
+            raise JaxinferError(
+                f"devices= lists {len(devices)} devices ({len(set(devices))} distinct) but the mesh "
+                f"{dict(shape)} needs exactly {need}; pass {need} distinct devices or change the axis sizes"
+            )
+    else:
+        ensure_devices(need)
+    device_mesh = sharding.make_mesh(shape, devices)
     rules = sharding.resolve_rules(cfg, device_mesh, overrides)
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -267,6 +277,8 @@ class LLM:
     (or `jax.config.update("jax_num_cpu_devices", N)`) before using jax.
     dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
+    devices: the devices this model uses, exactly as many as the mesh needs (default: the first ones of
+    jax.devices()); engines on disjoint device lists run side by side in one process (replicas).
     unroll_layers: loop over layers in Python instead of `lax.scan` (default: on CPU only).
     Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
     (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
@@ -298,6 +310,7 @@ class LLM:
         attention: str = "auto",
         moe_dispatch: str = "auto",
         moe_kernel: str = "auto",
+        devices=None,
     ):
         t0 = time.perf_counter()
         engine_sizes = dict(
@@ -316,6 +329,7 @@ class LLM:
             moe_dispatch=moe_dispatch,
             moe_kernel=moe_kernel,
             attention=attention,
+            devices=devices,
         )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype

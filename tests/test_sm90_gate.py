@@ -19,8 +19,9 @@ REQUIREMENTS = ROOT / "tests" / "sm90-requirements.txt"
 
 
 def _base_python() -> str | None:
-    """A Python 3.12: $JAXINFER_SM90_PYTHON, python3.12 on PATH, or pyenv's."""
-    for candidate in (os.environ.get("JAXINFER_SM90_PYTHON"), shutil.which("python3.12")):
+    """A Python 3.12: $JAXINFER_SM90_PYTHON, python3.12 on PATH, or one pyenv installed."""
+    pyenv = sorted(Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob("versions/3.12*/bin/python3.12"))
+    for candidate in (os.environ.get("JAXINFER_SM90_PYTHON"), shutil.which("python3.12"), *map(str, pyenv)):
         if candidate and subprocess.run([candidate, "-c", "import venv"], capture_output=True).returncode == 0:
             return candidate
     return None
