@@ -35,10 +35,16 @@ def per_device_param_bytes(setup: Setup, names=None) -> int:
 
 
 def step_param_bytes(setup: Setup, tokens: int) -> float:
-    """Parameter bytes one device reads in a step over `tokens` tokens: all of them in a dense model;
-    in a routed one only the experts some token chose (expected value under uniform routing)."""
+    """Parameter bytes one device reads in a step over `tokens` tokens: all of them in a dense model
+    but the embedding rows no token looks up; in a routed one only the experts some token chose
+    (expected value under uniform routing)."""
     params = per_device_param_bytes(setup)
     cfg = setup.config
+    if not cfg.tie_word_embeddings:
+        # The embedding is a lookup: a step reads one row per token, not the table (a tied table is
+        # read whole as the output head).
+        table = per_device_param_bytes(setup, ("embed",))
+        params += table * min(tokens, cfg.vocab_size) / cfg.vocab_size - table
     if not cfg.num_experts:
         return params
     experts = per_device_param_bytes(setup, EXPERT_PARAMS)

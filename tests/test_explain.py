@@ -88,3 +88,24 @@ def test_pipeline_figures():
     # and may hand the activations over in either width
     r16 = explain.explain("llama3-8b", dict(pp=4, tp=2), dtype="bfloat16", batch=8, prompt_len=64)
     assert r16["pipeline"]["boundary_bytes_per_step"]["decode"] in [(4 + 4 - 2) * 2 * 4096 * w for w in (2, 4)]
+
+
+def test_a_step_reads_one_embedding_row_per_token_unless_the_table_is_the_head(tiny_dir):
+    from jaxinfer.llm import prepare
+
+    untied = prepare(str(tiny_dir("llama2")), dict(tp=1))
+    whole = explain.per_device_param_bytes(untied)
+    table = explain.per_device_param_bytes(untied, ("embed",))
+    vocab = untied.config.vocab_size
+    assert table == vocab * untied.config.hidden_size * 4
+    assert explain.step_param_bytes(untied, 3) == whole - table + table * 3 / vocab
+    assert explain.step_param_bytes(untied, 10 * vocab) == whole
+    tied = prepare(str(tiny_dir("smollm2")), dict(tp=1))
+    assert explain.step_param_bytes(tied, 1) == explain.per_device_param_bytes(tied)
+
+
+def test_bench_and_explain_say_which_implementation_ran(tiny_dir):
+    llm = jaxinfer.LLM(str(tiny_dir("llama2")), max_seq_len=32)
+    report = bench.run(llm, [1], prompt_len=4, gen_len=4)
+    assert report["kernels"]["engine decode attention"].startswith("xla (head_dim 8 is not a power of two")
+    assert "engine decode attention: xla (head_dim 8" in bench.format_table(report)
