@@ -21,6 +21,15 @@ flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16"], "Weights and activations (default: float32 on CPU, bfloat16 on GPU)."
 )
 flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's max_position_embeddings).")
+flags.DEFINE_integer("max_num_seqs", None, "Engine: sequences decoded together (default 16).")
+flags.DEFINE_integer(
+    "num_pages", None, "Engine: KV-cache pages (default: what max_num_seqs x max_seq_len needs, capped by memory)."
+)
+flags.DEFINE_integer("page_size", None, "Engine: tokens per KV-cache page (default 16).")
+flags.DEFINE_integer("prefill_chunk", None, "Engine: prompt tokens per prefill step (default 128).")
+flags.DEFINE_string(
+    "compilation_cache", None, "jax's persistent compilation cache directory (default ~/.cache/jaxinfer/xla; '' off)."
+)
 flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
 flags.DEFINE_string("prompt_ids", None, "A prompt as comma-separated token ids (for checkpoints without tokenizer).")
 flags.DEFINE_bool("chat", False, "Apply the model's chat template to each prompt.")
@@ -85,6 +94,11 @@ def _llm():
         moe_dispatch=FLAGS.moe_dispatch,
         moe_kernel=FLAGS.moe_kernel,
         attention=FLAGS.attention,
+        max_num_seqs=FLAGS.max_num_seqs,
+        num_pages=FLAGS.num_pages,
+        page_size=FLAGS.page_size,
+        prefill_chunk=FLAGS.prefill_chunk,
+        compilation_cache=FLAGS.compilation_cache,
     )
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import checkpoint, kernels, sharding, steps
+from jaxinfer import checkpoint, compile_cache, kernels, sharding, steps
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
@@ -279,6 +279,8 @@ class LLM:
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
     devices: the devices this model uses, exactly as many as the mesh needs (default: the first ones of
     jax.devices()); engines on disjoint device lists run side by side in one process (replicas).
+    compilation_cache: directory of jax's persistent compilation cache, so a restart skips compiling
+    (default $JAXINFER_COMPILATION_CACHE, else ~/.cache/jaxinfer/xla; "" turns it off).
     unroll_layers: loop over layers in Python instead of `lax.scan` (default: on CPU only).
     Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
     (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
@@ -311,8 +313,10 @@ class LLM:
         moe_dispatch: str = "auto",
         moe_kernel: str = "auto",
         devices=None,
+        compilation_cache: str | None = None,
     ):
         t0 = time.perf_counter()
+        compile_cache.enable(compilation_cache)
         engine_sizes = dict(
             max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages, prefill_chunk=prefill_chunk
         )
