@@ -38,7 +38,7 @@ class Completion:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" ("error" is raised as JaxinferError instead)
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -229,10 +229,10 @@ def prepare(
     if source.kind == "shape" and not random_weights:
         raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
     cfg = source.config
-    if max_seq_len is not None and not 1 < max_seq_len <= cfg.max_position_embeddings:
+    if max_seq_len is not None and (type(max_seq_len) is not int or not 1 < max_seq_len <= cfg.max_position_embeddings):
         raise JaxinferError(
-            f"max_seq_len={max_seq_len} must be in [2, {cfg.max_position_embeddings}] "
-            "(the model's max_position_embeddings)"
+            f"max_seq_len={max_seq_len!r} must be in [2, {cfg.max_position_embeddings}] "
+            "(the model's max_position_embeddings) and an integer"
         )
     need = int(np.prod(list(shape.values())))
     if devices is not None:
@@ -372,7 +372,7 @@ class LLM:
     def _prompt_ids(self, prompts, chat: bool) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(_is_token(t) for t in prompts):
             prompts = [list(prompts)]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise JaxinferError("prompts must be a str, a non-empty list of str, or a list of token-id lists")
@@ -382,15 +382,20 @@ class LLM:
                 if self.tokenizer is None:
                     raise JaxinferError("this checkpoint has no tokenizer files; pass prompts as token-id lists")
                 ids = self.tokenizer.encode_chat(p) if chat else self.tokenizer.encode(p)
+            elif isinstance(p, (list, tuple, np.ndarray)):
+                ids = list(p)
             else:
-                ids = [int(t) for t in p]
+                raise JaxinferError(f"prompt {i} is a {type(p).__name__}; give a str or a list of token ids")
             self._check_ids(ids, f"prompt {i}")
-            out.append(ids)
+            out.append([int(t) for t in ids])
         return out
 
     def _check_ids(self, ids: list[int], what: str) -> None:
         if not ids:
             raise JaxinferError(f"{what} is empty; give at least one token")
+        bad = [t for t in ids if not _is_token(t)]
+        if bad:
+            raise JaxinferError(f"{what} has {bad[0]!r} ({type(bad[0]).__name__}) where a token id (an int) belongs")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise JaxinferError(f"{what} has token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
@@ -425,44 +430,64 @@ class LLM:
         return self.setup.build(kernel)[0]
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * n
         if len(plist) != n:
             raise JaxinferError(f"got {len(plist)} SamplingParams for {n} prompts; give one, or one per prompt")
-        for p in plist:
+        for i, p in enumerate(plist):
             if not isinstance(p, SamplingParams):
-                raise JaxinferError(f"params must be jaxinfer.SamplingParams, got {type(p).__name__}")
+                raise JaxinferError(f"params must be jaxinfer.SamplingParams, got {type(p).__name__} (for prompt {i})")
+            p.validate(self.config.vocab_size)
         return plist
 
     def generate(self, prompts, params=None, chat: bool = False) -> list[Completion]:
         """One Completion per prompt (a str, a list of str, or a list of token-id lists), run on the
-        serving engine. `params`: one SamplingParams for all prompts, or a list with one per prompt."""
+        serving engine. `params`: one SamplingParams for all prompts, or a list with one per prompt.
+        Every prompt and params is checked before any is queued (JaxinferError names the bad one); a
+        request that fails while running raises JaxinferError naming it, and the others of the call end."""
         prompt_ids = self._prompt_ids(prompts, chat)
         plist = self._params_list(params, len(prompt_ids))
         engine = self.engine
-        reqs = [engine.add(ids, p) for ids, p in zip(prompt_ids, plist)]
-        while any(not r.row.done for r in reqs):
-            engine.step()
-        return [_Stops(self, r.params).completion(r.row) for r in reqs]
+        reqs = engine.add_all(list(zip(prompt_ids, plist)))
+        try:
+            while True:
+                for i, r in enumerate(reqs):
+                    if r.row.finish == "error":
+                        raise JaxinferError(f"request {r.id} (prompt {i}) failed: {r.row.error}")
+                if all(r.row.done for r in reqs):
+                    break
+                engine.step()
+        finally:
+            for r in reqs:
+                if not r.row.done:
+                    engine.cancel(r)
+        with engine.lock:
+            return [r.stops.completion(r.row) for r in reqs]
 
     def generate_stream(self, prompt, params: SamplingParams | None = None, chat: bool = False):
-        """Yields StreamChunk(text, token_ids, finish_reason) pieces for one prompt as they are made;
-        other requests submitted meanwhile share the engine's steps."""
+        """An iterator of StreamChunk(text, token_ids, finish_reason) pieces for one prompt as they are
+        made; other requests submitted meanwhile share the engine's steps. The prompt and params are
+        checked now; the request is queued when iteration starts, and closing the iterator early
+        cancels it. A request that fails raises JaxinferError from the iterator."""
         ids = self._prompt_ids(prompt if isinstance(prompt, str) else [prompt], chat)[0]
         params = self._params_list(params, 1)[0]
+        return self._stream(self.engine.request(ids, params))
+
+    def _stream(self, req):
         engine = self.engine
-        req = engine.add(ids, params)
-        stops, sent_ids, sent_text = _Stops(self, params), 0, ""
+        engine.queue([req])
+        out = _StreamText(req)
         try:
             while True:
                 if not req.row.done:
                     engine.step()
-                text = stops.completion(req.row).text if self.tokenizer else ""
-                done = req.row.done
-                if len(req.row.ids) > sent_ids or done:
-                    yield StreamChunk(text[len(sent_text) :], req.row.ids[sent_ids:], req.row.finish if done else None)
-                    sent_ids, sent_text = len(req.row.ids), text
-                if done:
+                with engine.lock:
+                    item = out.next(req.row)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    yield item
+                if req.row.done:
                     return
         finally:
             if not req.row.done:
@@ -548,14 +573,19 @@ class StreamChunk:
     finish_reason: str | None  # set on the last chunk
 
 
+def _is_token(t) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
 @dataclasses.dataclass
 class _Row:
     prompt: list[int]
     budget: int
     ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    text: str | None = None
-    finish: str | None = None
+    text: str | None = None  # the final text, once done
+    finish: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # what went wrong, with finish "error"
 
     @property
     def done(self) -> bool:
@@ -591,18 +621,70 @@ class _Stops:
         if len(row.ids) >= row.budget:
             row.finish = "length"
 
-    def completion(self, row: _Row) -> Completion:
-        ids = row.ids
+    def text(self, row: _Row) -> str:
+        """The final text of a finished row."""
         if row.text is None:
+            ids = row.ids
             visible = ids[:-1] if ids and ids[-1] in self.stop_ids and row.finish == "stop" else ids
-            row.text = self.tokenizer.decode(visible) if self.tokenizer else ""
+            text = self.tokenizer.decode(visible) if self.tokenizer else ""
+            if not row.done:
+                return text
+            row.text = text
+        return row.text
+
+    def settled_text(self, row: _Row) -> str:
+        """The text of an unfinished row that no later token can change: without a trailing incomplete
+        UTF-8 sequence (decoded as U+FFFD) or a suffix that may be the start of a stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(row.ids).rstrip("\ufffd")
+        hold = 0
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return text[: len(text) - hold]
+
+    def completion(self, row: _Row) -> Completion:
         return Completion(
-            text=row.text,
-            token_ids=list(ids),
+            text=self.text(row),
+            token_ids=list(row.ids),
             logprobs=list(row.logprobs) if self.params.logprobs else None,
             finish_reason=row.finish,
             prompt_token_ids=row.prompt,
         )
+
+
+class _StreamText:
+    """What one stream has sent of a request: `next` gives the new token ids and the new text that is
+    settled, so that the chunks' texts add up to the completion's text exactly."""
+
+    def __init__(self, req):
+        self.req = req
+        self.ids = 0
+        self.text = ""
+
+    def error(self, row: _Row) -> JaxinferError:
+        return JaxinferError(f"request {self.req.id} failed: {row.error}")
+
+    def next(self, row: _Row) -> StreamChunk | JaxinferError | None:
+        """The next chunk, None when there is nothing new, or the error of a failed request."""
+        if row.finish == "error":
+            return self.error(row)
+        done = row.done
+        if len(row.ids) == self.ids and not done:
+            return None
+        stops = self.req.stops
+        text = stops.text(row) if done else stops.settled_text(row)
+        if text.startswith(self.text):
+            new = text[len(self.text) :]
+        else:  # the tokenizer decoded settled text differently later; what was sent cannot be taken back
+            log.warning("request %d: the decoded text changed under the streamed text", self.req.id)
+            new = ""
+        ids = row.ids[self.ids :]
+        self.ids, self.text = self.ids + len(ids), self.text + new
+        return StreamChunk(new, ids, row.finish if done else None)
 
 
 def generate(prompts, model: str = "smollm2-135m", chat: bool = False, **kwargs) -> list[Completion]:

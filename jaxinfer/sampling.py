@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 from collections.abc import Sequence
 
 import jax
@@ -11,6 +13,45 @@ import numpy as np
 
 from jaxinfer.errors import JaxinferError
 
+MAX_TOP_K = 2**31 - 1  # the sampler holds top_k in int32; the vocabulary bounds it further when a request is added
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _strings(name: str, value) -> tuple[str, ...] | str | None:
+    """stop: None, one non-empty string, or a list/tuple of them (kept as a tuple)."""
+    if value is None:
+        return None
+    fix = f"give {name} as a non-empty string or a list of non-empty strings (token ids go in stop_token_ids)"
+    if isinstance(value, str):
+        if not value:
+            raise JaxinferError(f'{name}="" would end every completion at once; {fix}, or leave it out')
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise JaxinferError(f"{name}={value!r} is a {type(value).__name__}; {fix}")
+    for i, s in enumerate(value):
+        if not isinstance(s, str):
+            raise JaxinferError(f"{name}={value!r}: {name}[{i}]={s!r} is a {type(s).__name__}, not a string; {fix}")
+        if not s:
+            raise JaxinferError(f'{name}={value!r}: {name}[{i}]="" would end every completion at once; {fix}')
+    return tuple(value)
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The threefry key data (uint32 [2]) of any Python int: seeds in [0, 2**64) are their own 64 bits
+    (below 2**32 the same key as jax.random.key(seed)); others are hashed to 64 bits."""
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raw = seed.to_bytes((seed.bit_length() + 8) // 8, "little", signed=True)
+        seed = int.from_bytes(hashlib.blake2b(raw, digest_size=8, person=b"jaxinfer-seed").digest(), "little")
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -18,7 +59,11 @@ class SamplingParams:
 
     `logprobs=True` returns, per generated token, its log-probability under the model's distribution
     (before temperature, top-k and top-p). Stop strings are cut from the text; stop token ids and
-    eos ids end generation and are kept in `token_ids` but not in the text.
+    eos ids end generation and are kept in `token_ids` but not in the text. `seed`: any int (the same
+    seed, prompt and parameters give the same tokens); None draws one per request.
+
+    Every field is checked when the object is made, and again, against the model's vocabulary, when a
+    request is added: a bad value raises JaxinferError naming it, before anything is queued.
     """
 
     max_tokens: int = 16
@@ -32,16 +77,54 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
-            raise JaxinferError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
-        if not self.temperature >= 0:
-            raise JaxinferError(f"temperature={self.temperature!r} must be >= 0 (0 is greedy)")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise JaxinferError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
-        if not 0 < self.top_p <= 1:
-            raise JaxinferError(f"top_p={self.top_p!r} must be in (0, 1] (1 disables it)")
-        if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
-            raise JaxinferError(f"seed={self.seed!r} must be an integer or None")
+        self.validate()
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raises JaxinferError for a bad field; with `vocab_size`, also for top_k and stop_token_ids
+        outside the vocabulary. Normalizes numpy scalars to Python ones and lists to tuples."""
+        put = lambda name, value: object.__setattr__(self, name, value)  # (the dataclass is frozen)
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise JaxinferError(f"max_tokens={self.max_tokens!r} must be an integer >= 1 (new tokens at most)")
+        put("max_tokens", int(self.max_tokens))
+        t = self.temperature
+        if not _is_real(t):
+            raise JaxinferError(f"temperature={t!r} is a {type(t).__name__}; give a number >= 0 (0 is greedy)")
+        if not math.isfinite(t) or t < 0:
+            raise JaxinferError(f"temperature={t!r} must be >= 0 (0 is greedy) and finite")
+        put("temperature", float(t))
+        k, top = self.top_k, MAX_TOP_K if vocab_size is None else vocab_size
+        if not _is_int(k) or not 0 <= k <= top:
+            where = "the vocabulary size" if vocab_size is not None else "2**31 - 1"
+            raise JaxinferError(f"top_k={k!r} must be an integer >= 0 and <= {top} ({where}; 0 disables it)")
+        put("top_k", int(k))
+        p = self.top_p
+        if not _is_real(p):
+            raise JaxinferError(f"top_p={p!r} is a {type(p).__name__}; give a number in (0, 1] (1 disables it)")
+        if not 0 < p <= 1:
+            raise JaxinferError(f"top_p={p!r} must be in (0, 1] (1 disables it)")
+        put("top_p", float(p))
+        if self.seed is not None and not _is_int(self.seed):
+            raise JaxinferError(f"seed={self.seed!r} must be an integer (any size, negative too) or None")
+        if self.seed is not None:
+            put("seed", int(self.seed))
+        put("stop", _strings("stop", self.stop))
+        ids = self.stop_token_ids
+        if ids is not None:
+            fix = "give stop_token_ids as a list of token ids"
+            if not isinstance(ids, (list, tuple, np.ndarray)):
+                raise JaxinferError(f"stop_token_ids={ids!r} is a {type(ids).__name__}; {fix}")
+            for i, t in enumerate(ids):
+                if not _is_int(t):
+                    raise JaxinferError(f"stop_token_ids[{i}]={t!r} is not an integer; {fix}")
+                if t < 0 or (vocab_size is not None and t >= vocab_size):
+                    vocab = "" if vocab_size is None else f" [0, {vocab_size})"
+                    raise JaxinferError(f"stop_token_ids[{i}]={t} is outside the vocabulary{vocab}; {fix}")
+            put("stop_token_ids", tuple(int(t) for t in ids))
+        for name in ("ignore_eos", "logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise JaxinferError(f"{name}={value!r} must be True or False")
+            put(name, bool(value))
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
