@@ -74,11 +74,24 @@ def resolve(model: str) -> Source:
             raise JaxinferError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory")
         return open_gguf(path)
     if (path / ORBAX_MARKER).is_file():
-        meta = json.loads((path / ORBAX_MARKER).read_text())
-        cfg = config_lib.config_from_dict(meta["config"])
-        return Source("orbax", path, cfg, tokenizer_lib.from_hf_dir(path))
+        return open_orbax(path)
     cfg = config_lib.load_hf_config(path)
     return Source("hf", path, cfg, tokenizer_lib.from_hf_dir(path), read=_safetensors_reader(path))
+
+
+def open_orbax(path: Path) -> Source:
+    """An orbax checkpoint written by `save_orbax`: its jaxinfer.json is checked before any weight is read."""
+    marker = path / ORBAX_MARKER
+    meta = config_lib.read_json_object(marker, config_lib.ORBAX_FIX)
+    if not isinstance(meta.get("config"), dict):
+        raise JaxinferError(
+            f"{marker}: the key 'config' is {'missing' if meta.get('config') is None else 'not an object'}; "
+            f"{config_lib.ORBAX_FIX}"
+        )
+    cfg = config_lib.config_from_dict(meta["config"], source=marker)
+    if not (path / "params").is_dir():
+        raise JaxinferError(f"{path} has {ORBAX_MARKER} but no params/ directory; {config_lib.ORBAX_FIX}")
+    return Source("orbax", path, cfg, tokenizer_lib.from_hf_dir(path))
 
 
 # --- safetensors ---------------------------------------------------------------------------------
@@ -98,7 +111,10 @@ def _check_safetensors_file(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise JaxinferError(f"{path} is corrupt: unreadable header ({e}); re-download it") from e
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    entries = [t for k, t in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    if entries is None or not all(isinstance(t, dict) and len(t.get("data_offsets") or ()) == 2 for t in entries):
+        raise JaxinferError(f"{path} is corrupt: its header is not a table of tensors; re-download it")
+    end = max((t["data_offsets"][1] for t in entries), default=0)
     if 8 + n + end > size:
         raise JaxinferError(f"{path} is truncated: needs {8 + n + end} bytes, has {size}; re-download it")
     return header
@@ -109,7 +125,11 @@ def _safetensors_reader(directory: Path) -> Callable[[str], Any]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = config_lib.read_json_object(index, "re-download the checkpoint").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise JaxinferError(
+                f"{index}: weight_map must be an object of tensor name -> file name; re-download the checkpoint"
+            )
         files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
         files, weight_map = ["model.safetensors"], None
@@ -153,7 +173,7 @@ def open_gguf(path: Path) -> Source:
     meta = {k: _gguf_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors = {t.name: t for t in reader.tensors}
     meta["_has_output_weight"] = "output.weight" in tensors
-    cfg = config_lib.from_gguf_metadata(meta)
+    cfg = config_lib.from_gguf_metadata(meta, source=path)
     last = max(tensors.values(), key=lambda t: t.data_offset)
     if last.data_offset + last.n_bytes > path.stat().st_size:
         raise JaxinferError(f"{path} is truncated; re-download it")

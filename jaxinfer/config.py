@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from jaxinfer.errors import JaxinferError
 
@@ -14,6 +17,120 @@ from jaxinfer.errors import JaxinferError
 MOE_FAMILY = ("mixtral", "qwen3_moe")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", *MOE_FAMILY)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Fields that must be positive integers in every model.
+POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+HF_FIX = "set the published model's value there or re-download the checkpoint"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return (
+        isinstance(x, (int, float, np.integer, np.floating))
+        and not isinstance(x, (bool, np.bool_))
+        and math.isfinite(x)
+    )
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a JaxinferError naming the file and `fix` when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxinferError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(value, dict):
+        raise JaxinferError(f"{path} holds a JSON {_json_type(value)}, not an object {{...}}; {fix}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class Fields:
+    """Typed reads of one JSON object: each error names the file, the key, the bad value and the fix."""
+
+    def __init__(self, obj: dict[str, Any], source: str | Path, fix: str):
+        self.obj, self.source, self.fix = obj, str(source), fix
+
+    def fail(self, what: str):
+        raise JaxinferError(f"{self.source}: {what}; {self.fix}")
+
+    def _get(self, key: str, required: bool) -> Any:
+        value = self.obj.get(key)
+        if value is None and required:
+            self.fail(f"the key {key!r} is missing")
+        return value
+
+    def integer(self, key: str, default: Any = None, required: bool = False, minimum: int = 1) -> Any:
+        value = self._get(key, required)
+        if value is None:
+            return default
+        if not _is_int(value) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            self.fail(f"{key}={value!r} must be {kind}")
+        return int(value)
+
+    def number(self, key: str, default: Any = None, positive: bool = True) -> Any:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not _is_number(value) or (positive and value <= 0):
+            self.fail(f"{key}={value!r} must be a {'positive ' if positive else ''}number")
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(f"{key}={value!r} must be true or false")
+        return value
+
+    def string(self, key: str, default: Any = None) -> Any:
+        value = self._get(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.fail(f"{key}={value!r} must be a string")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self._get(key, False)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(f"{key}={value!r} must be an object {{...}}")
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        value = self._get(key, False)
+        if value is None:
+            return ()
+        ids = value if isinstance(value, list) else [value]
+        if not all(_is_int(i) and i >= 0 for i in ids):
+            self.fail(f"{key}={value!r} must be a token id (an integer >= 0) or a list of them")
+        return tuple(int(i) for i in ids)
+
+    def int_list(self, key: str) -> tuple[int, ...]:
+        value = self._get(key, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(_is_int(i) and i >= 0 for i in value):
+            self.fail(f"{key}={value!r} must be a list of integers >= 0")
+        return tuple(int(i) for i in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +170,24 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is routed experts
 
     def __post_init__(self):
+        # Checked here too, so that a config from any source (GGUF metadata, an orbax checkpoint's
+        # jaxinfer.json) fails with a message instead of a ZeroDivisionError deep in the model.
+        for name in POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise JaxinferError(f"{name}={value!r} must be a positive integer")
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise JaxinferError(f"{name}={value!r} must be an integer >= 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise JaxinferError(f"{name}={value!r} must be a positive number")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise JaxinferError(f"sliding_window={self.sliding_window!r} must be a positive integer or null")
+        if not all(_is_int(i) and 0 <= i < self.num_layers for i in self.moe_layers):
+            raise JaxinferError(f"moe_layers={self.moe_layers!r} must list layers in [0, {self.num_layers})")
         if self.num_heads % self.num_kv_heads:
             raise JaxinferError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -67,6 +202,8 @@ class ModelConfig:
             raise JaxinferError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
             )
+        if self.num_experts and self.moe_layers and self.moe_intermediate_size < 1:
+            raise JaxinferError(f"moe_intermediate_size={self.moe_intermediate_size} must be a positive integer")
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -96,88 +233,117 @@ class ModelConfig:
         return self._count(self.num_experts_per_tok)
 
 
-def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling]:
+def _rope_from_hf(f: Fields) -> tuple[float, RopeScaling]:
     # transformers 5.x folds theta and scaling into `rope_parameters`; 4.x keeps them top level.
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
-    kwargs = {k: merged[k] for k in fields if merged.get(k) is not None}
+    params = Fields(f.mapping("rope_parameters"), f"{f.source} rope_parameters", f.fix)
+    scaling = Fields(f.mapping("rope_scaling"), f"{f.source} rope_scaling", f.fix)
+    theta = params.number("rope_theta") or f.number("rope_theta", 10000.0)
+    merged = Fields({**scaling.obj, **params.obj}, f"{f.source} rope_parameters", f.fix)
+    rope_type = merged.string("rope_type") or merged.string("type", "default")
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(RopeScaling):
+        if field.name == "rope_type":
+            continue
+        if field.name == "original_max_position_embeddings":
+            value = merged.integer(field.name)
+        else:
+            value = merged.number(field.name)
+        if value is not None:
+            kwargs[field.name] = value
     return float(theta), RopeScaling(rope_type=rope_type, **kwargs)
 
 
-def _as_tuple(ids: Any) -> tuple[int, ...]:
-    if ids is None:
-        return ()
-    return tuple(int(i) for i in ids) if isinstance(ids, (list, tuple)) else (int(ids),)
-
-
-def from_hf_config(cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
-    """Builds a ModelConfig from the dict of a Hugging Face `config.json`."""
+def from_hf_config(
+    cfg: dict[str, Any],
+    generation_config: dict[str, Any] | None = None,
+    source: str | Path = "config.json",
+    generation_source: str | Path = "generation_config.json",
+) -> ModelConfig:
+    """Builds a ModelConfig from the dict of a Hugging Face `config.json` (`source` names it in errors)."""
+    if not isinstance(cfg, dict):
+        raise JaxinferError(f"{source} holds a JSON {_json_type(cfg)}, not an object {{...}}; {HF_FIX}")
+    f = Fields(cfg, source, HF_FIX)
     arch = cfg.get("model_type")
-    if arch not in LLAMA_FAMILY:
-        raise JaxinferError(f"unknown architecture model_type={arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise JaxinferError(f"hidden_act={cfg['hidden_act']!r} is not supported; only 'silu' is")
-    if cfg.get("mlp_bias"):
-        raise JaxinferError("mlp_bias=true is not supported by the Llama family implementation")
-    theta, scaling = _rope_from_hf(cfg)
-    heads = cfg["num_attention_heads"]
-    sliding = cfg.get("sliding_window")
-    if arch.startswith("qwen") and not cfg.get("use_sliding_window", False):
-        sliding = None
-    gen = generation_config or {}
-    eos = _as_tuple(gen.get("eos_token_id", cfg.get("eos_token_id")))
-    return ModelConfig(
+    if not isinstance(arch, str) or arch not in LLAMA_FAMILY:
+        raise JaxinferError(f"{source}: unknown architecture model_type={arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
+    if f.string("hidden_act", "silu") != "silu":
+        raise JaxinferError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported; only 'silu' is")
+    if f.flag("mlp_bias"):
+        raise JaxinferError(f"{source}: mlp_bias=true is not supported by the Llama family implementation")
+    theta, scaling = _rope_from_hf(f)
+    hidden = f.integer("hidden_size", required=True)
+    heads = f.integer("num_attention_heads", required=True)
+    head_dim = f.integer("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            f.fail(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} and head_dim is not given")
+        head_dim = hidden // heads
+    # Qwen configs carry a sliding_window that only use_sliding_window switches on.
+    use_sliding = not arch.startswith("qwen") or f.flag("use_sliding_window")
+    sliding = f.integer("sliding_window") if use_sliding else None
+    eos = f.token_ids("eos_token_id")
+    if generation_config is not None:
+        if not isinstance(generation_config, dict):
+            raise JaxinferError(
+                f"{generation_source} holds a JSON {_json_type(generation_config)}, not an object {{...}}; "
+                "correct it or delete it (it is optional)"
+            )
+        gen = Fields(generation_config, generation_source, "correct it or delete it (it is optional)")
+        if gen.obj.get("eos_token_id") is not None:
+            eos = gen.token_ids("eos_token_id")
+    bos = f.token_ids("bos_token_id")
+    kwargs = dict(
         architecture=arch,
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
+        vocab_size=f.integer("vocab_size", required=True),
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size", required=True),
+        num_layers=f.integer("num_hidden_layers", required=True),
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        num_kv_heads=f.integer("num_key_value_heads", heads),
+        head_dim=head_dim,
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        max_position_embeddings=f.integer("max_position_embeddings", 4096),
+        tie_word_embeddings=f.flag("tie_word_embeddings"),
+        qkv_bias=arch == "qwen2" or f.flag("attention_bias"),
         qk_norm=arch in ("qwen3", "qwen3_moe"),
         sliding_window=sliding,
-        bos_token_id=cfg.get("bos_token_id"),
+        bos_token_id=bos[0] if bos else None,
         eos_token_ids=eos,
-        **_moe_from_hf(arch, cfg),
+        **_moe_from_hf(arch, f),
     )
+    try:
+        return ModelConfig(**kwargs)
+    except JaxinferError as e:  # the values are checked above; this is an inconsistency between them
+        raise JaxinferError(f"{source}: {e}") from None
 
 
-def _moe_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _moe_from_hf(arch: str, f: Fields) -> dict[str, Any]:
     if arch not in MOE_FAMILY:
         return {}
     # Published checkpoints spell the expert count `num_local_experts` (Mixtral) or `num_experts`
     # (Qwen3-MoE); transformers 5 writes either. Accept both for both.
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
-    if experts < 1:
-        raise JaxinferError(f"{arch} config has no expert count (num_local_experts or num_experts)")
-    n = cfg["num_hidden_layers"]
+    experts = f.integer("num_local_experts") or f.integer("num_experts")
+    if experts is None:
+        f.fail(f"{arch} config has no expert count (num_local_experts or num_experts)")
+    n = f.integer("num_hidden_layers", required=True)
     if arch == "mixtral":
         # Every layer is routed; the experts' hidden size is `intermediate_size`; top-k weights renormalised.
         return dict(
             num_experts=experts,
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
-            moe_intermediate_size=cfg["intermediate_size"],
+            num_experts_per_tok=f.integer("num_experts_per_tok", 2),
+            moe_intermediate_size=f.integer("intermediate_size", required=True),
             norm_topk_prob=True,
             moe_layers=tuple(range(n)),
         )
-    step = cfg.get("decoder_sparse_step", 1) or 1
-    dense = set(cfg.get("mlp_only_layers") or ())
+    step = f.integer("decoder_sparse_step", 1, minimum=0) or 1
+    dense = set(f.int_list("mlp_only_layers"))
     return dict(
         num_experts=experts,
-        num_experts_per_tok=cfg.get("num_experts_per_tok", 8),
-        moe_intermediate_size=cfg["moe_intermediate_size"],
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        num_experts_per_tok=f.integer("num_experts_per_tok", 8),
+        moe_intermediate_size=f.integer("moe_intermediate_size", required=True),
+        norm_topk_prob=f.flag("norm_topk_prob"),
         moe_layers=tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0),
     )
 
@@ -191,63 +357,112 @@ def load_hf_config(directory: Path) -> ModelConfig:
         )
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxinferError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from e
     gen_path = directory / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-    return from_hf_config(cfg, gen)
+    gen = None
+    if gen_path.is_file():
+        gen = read_json_object(gen_path, "correct it or delete it (it is optional)")
+    return from_hf_config(cfg, gen, source=path, generation_source=gen_path)
 
 
-def from_gguf_metadata(meta: dict[str, Any]) -> ModelConfig:
+GGUF_FIX = "the file is damaged or was written by an incompatible converter; re-download or re-convert it"
+
+
+def from_gguf_metadata(meta: dict[str, Any], source: str | Path = "GGUF metadata") -> ModelConfig:
     """Builds a ModelConfig from GGUF key/value metadata (as a plain dict)."""
     arch = meta.get("general.architecture")
-    if arch not in LLAMA_FAMILY:
+    if not isinstance(arch, str) or arch not in LLAMA_FAMILY:
         raise JaxinferError(f"unknown GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
     if meta.get(f"{arch}.expert_count"):
         raise JaxinferError(
             f"GGUF mixture-of-experts models are not supported ({arch}, {meta[f'{arch}.expert_count']} experts); "
             "load the Hugging Face safetensors checkpoint instead"
         )
-
-    def key(name: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{name}", default)
-
-    heads = key("attention.head_count")
-    hidden = key("embedding_length")
+    f = Fields(meta, source, GGUF_FIX)
+    heads = f.integer(f"{arch}.attention.head_count", required=True)
+    hidden = f.integer(f"{arch}.embedding_length", required=True)
     scaling = RopeScaling()
-    if key("rope.scaling.type") == "linear":
-        scaling = RopeScaling(rope_type="linear", factor=key("rope.scaling.factor"))
-    return ModelConfig(
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = RopeScaling(rope_type="linear", factor=f.number(f"{arch}.rope.scaling.factor", 1.0))
+    vocab = f.integer(f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            f.fail(f"neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+        vocab = len(tokens)
+    head_dim = f.integer(f"{arch}.attention.key_length")
+    if head_dim is None:
+        if hidden % heads:
+            f.fail(f"{arch}.embedding_length={hidden} is not divisible by {arch}.attention.head_count={heads}")
+        head_dim = hidden // heads
+    bos = f.token_ids("tokenizer.ggml.bos_token_id")
+    kwargs = dict(
         architecture=arch,
-        vocab_size=key("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=key("feed_forward_length"),
-        num_layers=key("block_count"),
+        intermediate_size=f.integer(f"{arch}.feed_forward_length", required=True),
+        num_layers=f.integer(f"{arch}.block_count", required=True),
         num_heads=heads,
-        num_kv_heads=key("attention.head_count_kv") or heads,
-        head_dim=key("attention.key_length") or hidden // heads,
-        rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=key("rope.freq_base", 10000.0),
+        num_kv_heads=f.integer(f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=f.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0),
         rope_scaling=scaling,
-        max_position_embeddings=key("context_length", 4096),
+        max_position_embeddings=f.integer(f"{arch}.context_length", 4096),
         tie_word_embeddings=not meta.get("_has_output_weight", False),
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=_as_tuple(meta.get("tokenizer.ggml.eos_token_id")),
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=f.token_ids("tokenizer.ggml.eos_token_id"),
     )
+    try:
+        return ModelConfig(**kwargs)
+    except JaxinferError as e:
+        raise JaxinferError(f"{source}: {e}; {GGUF_FIX}") from None
 
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+ORBAX_FIX = "rewrite the checkpoint with `jaxinfer convert --model=SOURCE --output=DIR`"
+
+
+def config_from_dict(d: dict[str, Any], source: str | Path = "jaxinfer.json") -> ModelConfig:
+    """The inverse of config_to_dict, for the `config` object of an orbax checkpoint's jaxinfer.json."""
+    if not isinstance(d, dict):
+        raise JaxinferError(f"{source}: config={d!r} must be an object {{...}}; {ORBAX_FIX}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+    missing = [n for n in required if d.get(n) is None]
+    if missing:
+        raise JaxinferError(f"{source}: config lacks the keys {missing}; {ORBAX_FIX}")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise JaxinferError(
+            f"{source}: config has unknown keys {unknown} (written by another jaxinfer version?); {ORBAX_FIX}"
+        )
     d = dict(d)
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d["eos_token_ids"])
-    d["moe_layers"] = tuple(d.get("moe_layers", ()))
-    return ModelConfig(**d)
+    f = Fields(d, f"{source} config", ORBAX_FIX)
+    rope = f.mapping("rope_scaling")
+    rope_fields = {x.name for x in dataclasses.fields(RopeScaling)}
+    if set(rope) - rope_fields:
+        f.fail(f"rope_scaling has unknown keys {sorted(set(rope) - rope_fields)}")
+    d["rope_scaling"] = RopeScaling(**rope)
+    d["eos_token_ids"] = f.token_ids("eos_token_ids")
+    d["moe_layers"] = f.int_list("moe_layers")
+    for name in ("architecture",):
+        f.string(name)
+    for name in ("tie_word_embeddings", "qkv_bias", "qk_norm", "norm_topk_prob"):
+        if name in d:
+            d[name] = f.flag(name)
+    if d.get("bos_token_id") is not None:
+        f.integer("bos_token_id", minimum=0)
+    try:
+        return ModelConfig(**d)
+    except JaxinferError as e:
+        raise JaxinferError(f"{source}: {e}; {ORBAX_FIX}") from None
 
 
 # Shapes of published models, without weights: for `explain`, and for `--random_weights` runs.

@@ -6,7 +6,6 @@ is the only place that says which mesh axis splits it. A mesh preset may overrid
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, read_json_object
 from jaxinfer.errors import JaxinferError
 
 log = logging.getLogger(__name__)
@@ -52,15 +51,36 @@ def load_preset(name_or_path: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
         raise JaxinferError(
-            f"mesh preset {name_or_path!r} is neither a file nor a known preset; known: {', '.join(known)}"
+            f"mesh preset {name_or_path!r} is neither a file nor a known preset; pass the path of an existing "
+            f"JSON file or a preset name (known: {', '.join(known)})"
         )
-    preset = json.loads(path.read_text())
-    unknown = set(preset.get("axes", {})) - set(MESH_AXES)
+    fix = 'write it as {"axes": {"tp": 4, ...}, "rules": {"vocab": null, ...}} ("rules" optional)'
+    preset = read_json_object(path, fix)
+    unknown = sorted(set(preset) - {"axes", "rules"})
+    if unknown:
+        raise JaxinferError(f"mesh preset {path} has unknown keys {unknown}; {fix}")
+    axes = preset.get("axes", {})
+    if not isinstance(axes, dict):
+        raise JaxinferError(f"mesh preset {path}: axes={axes!r} must be an object of axis name -> size; {fix}")
+    unknown = set(axes) - set(MESH_AXES)
     if unknown:
         raise JaxinferError(f"mesh preset {path} names unknown axes {sorted(unknown)}; use {MESH_AXES}")
-    unknown = set(preset.get("rules", {})) - set(RULES)
+    for name, size in axes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise JaxinferError(f"mesh preset {path}: axes.{name}={size!r} must be a positive integer; {fix}")
+    rules = preset.get("rules", {})
+    if not isinstance(rules, dict):
+        raise JaxinferError(
+            f"mesh preset {path}: rules={rules!r} must be an object of logical name -> mesh axis or null; {fix}"
+        )
+    unknown = set(rules) - set(RULES)
     if unknown:
         raise JaxinferError(f"mesh preset {path} overrides unknown logical names {sorted(unknown)}")
+    for name, axis in rules.items():
+        if axis is not None and axis not in MESH_AXES:
+            raise JaxinferError(
+                f"mesh preset {path}: rules.{name}={axis!r} must be one of {list(MESH_AXES)} or null; {fix}"
+            )
     return preset
 
 

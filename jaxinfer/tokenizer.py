@@ -11,6 +11,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from jaxinfer.config import read_json_object
 from jaxinfer.errors import JaxinferError
 
 GGUF_CONTROL = 3  # llama.cpp token type of special tokens
@@ -80,8 +81,33 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def _token_str(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
+TOKENIZER_CONFIG_FIX = "correct it (the published model's tokenizer_config.json has the right value) or re-download it"
+
+
+def _token_str(cfg: dict[str, Any], key: str, path: Path) -> str | None:
+    value = cfg.get(key)
+    if isinstance(value, dict):  # an AddedToken written out: {"content": "<s>", ...}
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise JaxinferError(
+            f'{path}: {key}={cfg.get(key)!r} must be a token string or {{"content": STRING}}; {TOKENIZER_CONFIG_FIX}'
+        )
+    return value
+
+
+def _chat_template(cfg: dict[str, Any], path: Path) -> str | None:
+    value = cfg.get("chat_template")
+    if isinstance(value, list):  # several named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" not in named:
+            raise JaxinferError(
+                f"{path}: chat_template is a list without a template named 'default' (names: "
+                f"{sorted(map(str, named))}); {TOKENIZER_CONFIG_FIX}"
+            )
+        value = named["default"]
+    if value is not None and not isinstance(value, str):
+        raise JaxinferError(f"{path}: chat_template={value!r} must be a Jinja template string; {TOKENIZER_CONFIG_FIX}")
+    return value
 
 
 def from_hf_dir(directory: Path) -> Tokenizer | None:
@@ -94,17 +120,20 @@ def from_hf_dir(directory: Path) -> Tokenizer | None:
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
         raise JaxinferError(f"{path} could not be read ({e}); re-download the tokenizer") from e
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    template = cfg.get("chat_template")
+    cfg = read_json_object(cfg_path, TOKENIZER_CONFIG_FIX) if cfg_path.is_file() else {}
+    template = _chat_template(cfg, cfg_path)
     jinja_path = directory / "chat_template.jinja"
     if template is None and jinja_path.is_file():
         template = jinja_path.read_text()
+    add_bos = cfg.get("add_bos_token", False)
+    if not isinstance(add_bos, bool) and add_bos is not None:
+        raise JaxinferError(f"{cfg_path}: add_bos_token={add_bos!r} must be true or false; {TOKENIZER_CONFIG_FIX}")
     return Tokenizer(
         tok,
         chat_template=template,
-        bos_token=_token_str(cfg.get("bos_token")),
-        eos_token=_token_str(cfg.get("eos_token")),
-        add_bos=bool(cfg.get("add_bos_token", False)),
+        bos_token=_token_str(cfg, "bos_token", cfg_path),
+        eos_token=_token_str(cfg, "eos_token", cfg_path),
+        add_bos=bool(add_bos),
     )
 
 
@@ -116,8 +145,13 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
         return None
     if kind != "gpt2":
         raise JaxinferError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2') is")
-    tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise JaxinferError(
+                f"GGUF tokenizer.ggml.{key} is missing or not a list of strings; the file is damaged: re-download it"
+            )
+    merges = [tuple(m.split(" ", 1)) for m in merges]
     tok = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -127,7 +161,14 @@ def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer | None:
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None else None
+        if i is None:
+            return None
+        if not isinstance(i, int) or not 0 <= i < len(tokens):
+            raise JaxinferError(
+                f"GGUF tokenizer.ggml.{key}_token_id={i!r} is not a token id in [0, {len(tokens)}); "
+                "the file is damaged: re-download it"
+            )
+        return tokens[i]
 
     return Tokenizer(
         tok,

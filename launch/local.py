@@ -4,13 +4,16 @@ forming one mesh of N x M devices over gloo collectives:
     python launch/local.py --num_processes=2 --devices_per_process=3 -- generate --tp=3 --pp=2 --chat \\
         --prompt="What is the capital of France?"
 
-Prints what process 0 prints; exits non-zero (and stops the others) as soon as any process fails.
+Prints what process 0 prints. As soon as any process fails, stops the others, prints one line naming
+it (`launch: process 1 (pid 4242) was killed by SIGKILL (exit code -9); stopped the others`) and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,13 +60,23 @@ def main(argv: list[str]) -> int:
         )
         for i in range(args.num_processes)
     ]
+    for i, p in enumerate(procs):
+        sys.stderr.write(f"launch: started process {i} of {args.num_processes} (pid {p.pid})\n")
+    sys.stderr.flush()
     out: list[bytes] = []
-    threading.Thread(target=lambda: out.append(procs[0].stdout.read()), daemon=True).start()
+    readers = [threading.Thread(target=lambda: out.append(procs[0].stdout.read()), daemon=True)]
+    # The other processes' logs are kept (the last 64 KiB of each) to show if one fails; reading them
+    # as they come keeps a chatty process from blocking on a full pipe.
+    tails = [collections.deque(maxlen=64) for _ in procs]
+    for p, tail in zip(procs[1:], tails[1:]):
+        readers.append(threading.Thread(target=_drain, args=(p.stderr, tail), daemon=True))
+    for r in readers:
+        r.start()
     deadline = time.monotonic() + args.timeout
     failed = None
     while failed is None and any(p.poll() is None for p in procs):
         failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-        if time.monotonic() > deadline:
+        if failed is None and time.monotonic() > deadline:
             failed = -1
         time.sleep(0.2)
     failed = failed if failed is not None else next((i for i, p in enumerate(procs) if p.returncode), None)
@@ -71,16 +84,42 @@ def main(argv: list[str]) -> int:
         if p.poll() is None:
             p.terminate()
     for p in procs:
-        p.wait()
-    time.sleep(0.2)  # let the reader take process 0's last bytes
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for r in readers:
+        r.join(timeout=5)  # process 0's last bytes, the others' last log lines
     sys.stdout.write(b"".join(out).decode(errors="replace"))
     sys.stdout.flush()
     if failed is None:
         return 0
-    if failed >= 0 and failed > 0 and procs[failed].stderr is not None:
-        sys.stderr.write(procs[failed].stderr.read().decode(errors="replace")[-4000:])
-    sys.stderr.write(f"launch: {'timed out' if failed < 0 else f'process {failed} failed'}; stopped the others\n")
+    if failed > 0:
+        sys.stderr.write(b"".join(tails[failed]).decode(errors="replace")[-4000:])
+    sys.stderr.write(_failure(failed, procs, args.timeout) + "\n")
     return 1
+
+
+def _drain(stream, tail: collections.deque) -> None:
+    for chunk in iter(lambda: stream.read1(1024), b""):
+        tail.append(chunk)
+
+
+def _failure(failed: int, procs: list[subprocess.Popen], timeout: float) -> str:
+    """One line: which process ended the run (index, pid) and how, or that the run timed out."""
+    if failed < 0:
+        return f"launch: timed out after {timeout:g}s; stopped the others"
+    p = procs[failed]
+    if p.returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-p.returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-p.returncode}"
+        how += f" (exit code {p.returncode})"
+    else:
+        how = f"exited with code {p.returncode}"
+    return f"launch: process {failed} (pid {p.pid}) {how}; stopped the others"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ own check is in test_engine.py)."""
 
 import jaxinfer
 from jaxinfer import steps
-from tests.test_numerics import IDS
+from tests.tiny import IDS
 
 
 def _compiles():

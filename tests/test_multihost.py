@@ -1,8 +1,12 @@
 """Several real processes forming one mesh over gloo, as launch/local.py starts them."""
 
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,8 +51,17 @@ def test_two_processes_of_three_devices_print_what_one_process_prints():
     assert (launched.stdout, single.stdout) == ("The capital of France is Paris.\n",) * 2, launched.stderr[-2000:]
 
 
-def test_a_dead_process_makes_the_other_exit_with_an_error(tiny_dir):
-    port = 21000 + os.getpid() % 5000
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_a_launcher_the_survivor_stops_within_the_heartbeat_timeout(tiny_dir):
+    """No launcher watches these two: process 0 notices its dead peer through jax.distributed's
+    heartbeats (distributed.HEARTBEAT_TIMEOUT_S) and aborts with jax's message instead of hanging."""
+    from jaxinfer import distributed
+
     cmd = [
         sys.executable,
         "-m",
@@ -59,7 +72,7 @@ def test_a_dead_process_makes_the_other_exit_with_an_error(tiny_dir):
         "--prompt_ids=3,17,250",
         "--max_tokens=250",
         "--ignore_eos",
-        f"--coordinator_address=127.0.0.1:{port}",
+        f"--coordinator_address=127.0.0.1:{_free_port()}",
         "--num_processes=2",
     ]
     procs = [
@@ -68,15 +81,83 @@ def test_a_dead_process_makes_the_other_exit_with_an_error(tiny_dir):
         )
         for i in range(2)
     ]
-    time.sleep(12)  # both joined and working
-    procs[1].kill()
-    start = time.monotonic()
+    lines: list[bytes] = []
+    joined = threading.Event()
+
+    def read():
+        for line in procs[0].stderr:
+            lines.append(line)
+            if b"process 0 of 2;" in line:
+                joined.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        procs[0].wait(timeout=90)
+        assert joined.wait(300), b"".join(lines[-50:]).decode(errors="replace")
+        procs[1].kill()
+        start = time.monotonic()
+        procs[0].wait(timeout=distributed.HEARTBEAT_TIMEOUT_S + 60)
+        elapsed = time.monotonic() - start
     finally:
-        procs[0].kill()
-    assert time.monotonic() - start < 90
-    assert procs[0].returncode != 0
+        for p in procs:
+            p.kill()
+    reader.join(timeout=10)
+    err = b"".join(lines).decode(errors="replace")
+    assert elapsed < distributed.HEARTBEAT_TIMEOUT_S + 30
+    assert procs[0].returncode == -signal.SIGABRT, err[-3000:]
+    assert (
+        "Terminating process because the JAX distributed service detected fatal errors. "
+        "This most likely indicates that another task died" in err
+    ), err[-3000:]
+
+
+def test_a_dead_process_stops_the_run_with_one_line_naming_it(tiny_dir):
+    """Process 1 is killed mid-run: the launcher stops process 0 and says which process died, how."""
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--num_processes=2",
+            "--devices_per_process=1",
+            "--timeout=400",
+            "--",
+            "generate",
+            f"--model={tiny_dir('llama3')}",
+            "--tp=2",
+            "--prompt_ids=3,17,250",
+            "--max_tokens=250",
+            "--ignore_eos",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    joined = threading.Event()
+
+    def read():
+        for line in launcher.stderr:
+            lines.append(line.rstrip("\n"))
+            if "process 0 of 2;" in line:  # jax.distributed joined every process
+                joined.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert joined.wait(300), "\n".join(lines[-50:])
+        pids = [re.fullmatch(r"launch: started process (\d) of 2 \(pid (\d+)\)", x) for x in lines]
+        pid = {int(m.group(1)): int(m.group(2)) for m in pids if m}[1]
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        launcher.wait(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        launcher.kill()
+    reader.join(timeout=10)
+    assert launcher.returncode == 1, "\n".join(lines[-50:])
+    assert elapsed < 60
+    assert lines[-1] == f"launch: process 1 (pid {pid}) was killed by SIGKILL (exit code -9); stopped the others"
 
 
 def test_launcher_reports_a_failing_process():
@@ -97,4 +178,6 @@ def test_launcher_reports_a_failing_process():
         timeout=300,
     )
     assert r.returncode == 1
-    assert "launch: process" in r.stderr and "failed; stopped the others" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"launch: process [01] \(pid \d+\) exited with code 1; stopped the others", last), last
+    assert "error: model '/nonexistent' is not a built-in name" in r.stderr

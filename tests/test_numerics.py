@@ -1,16 +1,10 @@
 """Logits and greedy tokens equal transformers' on the same weights, for every architecture and mesh."""
 
-import numpy as np
 import pytest
 
 import jaxinfer
 from tests import tiny
-
-IDS = [3, 17, 250, 42, 8, 99, 120, 5, 64, 77, 31, 200, 9, 11, 150, 6, 72, 33, 18, 240]
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from tests.tiny import IDS, rel_err
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4], ids=lambda tp: f"tp{tp}")

@@ -6,7 +6,7 @@ import pytest
 
 import jaxinfer
 from jaxinfer import JaxinferError, hlo, pipeline, steps
-from tests.test_numerics import IDS, rel_err
+from tests.tiny import IDS, rel_err
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Paris is the capital of"]
 

@@ -7,6 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+# A prompt of token ids inside every tiny vocabulary (256), shared by the numerics tests.
+IDS = [3, 17, 250, 42, 8, 99, 120, 5, 64, 77, 31, 200, 9, 11, 150, 6, 72, 33, 18, 240]
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference, relative to the largest magnitude of the reference `b`."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 COMMON = dict(
     vocab_size=256,
     hidden_size=64,
