@@ -707,7 +707,7 @@ def timed_generate(llm, prompts, params) -> dict:
 def engine_batch(ctx: Ctx, llm, label: str, batch: int, target: tuple[str, float] | None) -> None:
     import numpy as np
 
-    from jaxinfer.llm import _pow2
+    from jaxinfer.runtime import _pow2
     from jaxinfer.sampling import SamplingParams
 
     plan = ctx.plan
@@ -811,7 +811,7 @@ def moe_shape_that_fits(ctx: Ctx) -> tuple[str, str]:
     import numpy as np
 
     from jaxinfer.config import SHAPES
-    from jaxinfer.llm import DTYPES
+    from jaxinfer.runtime import DTYPES
 
     name = ctx.plan.moe
     cfg = SHAPES[name]

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import explain, pipeline, steps
-from jaxinfer.llm import DECODE_CHUNK, LLM, buckets
+from jaxinfer.llm import LLM
+from jaxinfer.runtime import DECODE_CHUNK, buckets
 from jaxinfer.sampling import SamplingParams
 
 # HBM bandwidth on the data sheet, by the device kind jax reports (bytes/s). An unknown card falls back

@@ -81,10 +81,38 @@ def _axes() -> dict[str, int]:
     return dict(tp=FLAGS.tp, pp=FLAGS.pp, ep=FLAGS.ep, sp=FLAGS.sp, dp=FLAGS.dp)
 
 
-def _llm():
-    import jaxinfer
+def _int_list(flag: str, text: str, minimum: int, what: str, example: str) -> list[int]:
+    """The comma-separated integers of a flag's value; a JaxinferError naming the bad piece otherwise."""
+    from jaxinfer.errors import JaxinferError
 
-    return jaxinfer.LLM(
+    values = []
+    for piece in text.split(","):
+        try:
+            value = int(piece.strip())
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise JaxinferError(
+                f"--{flag}={text}: {piece.strip()!r} is not {what}; give comma-separated integers >= {minimum}, "
+                f"e.g. --{flag}={example}"
+            )
+        values.append(value)
+    return values
+
+
+def _at_least_one(*names: str) -> None:
+    from jaxinfer.errors import JaxinferError
+
+    for name in names:
+        value = getattr(FLAGS, name)
+        if value < 1:
+            raise JaxinferError(f"--{name}={value} must be an integer >= 1")
+
+
+def _llm():
+    from jaxinfer.llm import LLM
+
+    return LLM(
         FLAGS.model,
         **_axes(),
         mesh=FLAGS.mesh,
@@ -105,10 +133,17 @@ def _llm():
 def cmd_generate() -> None:
     import jax
 
-    import jaxinfer
     from jaxinfer import distributed
+    from jaxinfer.errors import JaxinferError
+    from jaxinfer.sampling import SamplingParams
 
-    params = jaxinfer.SamplingParams(
+    if FLAGS.prompt_ids:
+        prompts = [_int_list("prompt_ids", FLAGS.prompt_ids, 0, "a token id", "1,2,3")]
+    elif FLAGS.prompt:
+        prompts = FLAGS.prompt
+    else:
+        raise JaxinferError("give --prompt=TEXT (repeatable) or --prompt_ids=1,2,3")
+    params = SamplingParams(
         max_tokens=FLAGS.max_tokens,
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
@@ -117,12 +152,6 @@ def cmd_generate() -> None:
         stop=FLAGS.stop,
         ignore_eos=FLAGS.ignore_eos,
     )
-    if FLAGS.prompt_ids:
-        prompts = [[int(t) for t in FLAGS.prompt_ids.split(",")]]
-    elif FLAGS.prompt:
-        prompts = FLAGS.prompt
-    else:
-        raise jaxinfer.JaxinferError("give --prompt=TEXT (repeatable) or --prompt_ids=1,2,3")
     llm = _llm()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, chat=FLAGS.chat)
@@ -135,11 +164,11 @@ def cmd_generate() -> None:
 
 
 def cmd_convert() -> None:
-    import jaxinfer
     from jaxinfer import checkpoint
+    from jaxinfer.errors import JaxinferError
 
     if not FLAGS.output:
-        raise jaxinfer.JaxinferError("convert needs --output=DIRECTORY")
+        raise JaxinferError("convert needs --output=DIRECTORY")
     llm = _llm()
     from pathlib import Path
 
@@ -151,12 +180,13 @@ def cmd_convert() -> None:
 def cmd_explain() -> None:
     import json
 
-    from jaxinfer import explain, llm
+    from jaxinfer import explain, runtime
 
+    _at_least_one("batch", "prompt_len", "gen_len")
     n = 1
     for v in _axes().values():
         n *= v
-    llm.ensure_devices(n)
+    runtime.ensure_devices(n)
     report = explain.explain(
         FLAGS.model,
         _axes(),
@@ -177,7 +207,9 @@ def cmd_bench() -> None:
 
     from jaxinfer import bench
 
-    report = bench.run(_llm(), [int(b) for b in FLAGS.batch_sizes], FLAGS.prompt_len, FLAGS.gen_len)
+    _at_least_one("prompt_len", "gen_len")
+    sizes = _int_list("batch_sizes", ",".join(FLAGS.batch_sizes), 1, "a batch size", "1,16,64")
+    report = bench.run(_llm(), sizes, FLAGS.prompt_len, FLAGS.gen_len)
     print(json.dumps(report) if FLAGS.json else bench.format_table(report))
 
 
@@ -208,7 +240,8 @@ def main(argv: list[str]) -> int:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         COMMANDS[argv[1]]()
     except JaxinferError as e:
-        sys.stderr.write(f"error: {e}\n")
+        # One line, no traceback: the message names the value and the fix.
+        sys.stderr.write("error: " + " ".join(str(e).split("\n")) + "\n")
         return 1
     return 0
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxinfer import distributed, steps
 from jaxinfer.errors import JaxinferError
+from jaxinfer.outputs import Row, Stops, StreamText
 from jaxinfer.sampling import SamplingParams, seed_key
 from models.kv_cache import PAGE_AXES, PagedKVCache
 
@@ -87,8 +88,8 @@ class PageAllocator:
 class Request:
     prompt: list[int]
     params: SamplingParams
-    row: object  # llm._Row: generated ids, logprobs, finish reason (or error), token budget
-    stops: object  # llm._Stops: this request's end-of-sequence rules
+    row: Row  # generated ids, logprobs, finish reason (or error), token budget
+    stops: Stops  # this request's end-of-sequence rules
     id: int = -1  # set when queued; older requests prefill first and are preempted last
     key: np.ndarray | None = None  # threefry key data, set when queued
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -177,7 +178,6 @@ class Engine:
     def request(self, prompt, params: SamplingParams) -> Request:
         """A checked request, not queued yet (`queue` it): raises JaxinferError naming the bad value and
         the fix for a bad prompt or SamplingParams, or a request the cache could never hold."""
-        from jaxinfer.llm import _Row, _Stops  # the same end-of-sequence bookkeeping as the static path
 
         if not isinstance(params, SamplingParams):
             raise JaxinferError(f"params must be jaxinfer.SamplingParams, got {type(params).__name__}")
@@ -195,7 +195,7 @@ class Engine:
                 f"a prompt of {len(prompt)} tokens with max_tokens={budget} needs {need} pages of {self.page_size} "
                 f"tokens but the cache has {self.num_pages - 1}; raise num_pages, or lower max_tokens or the prompt"
             )
-        return Request(prompt, params, _Row(prompt, budget), _Stops(self.llm, params))
+        return Request(prompt, params, Row(prompt, budget), Stops(self.llm.tokenizer, self.llm.eos_token_ids, params))
 
     def queue(self, reqs: list[Request]) -> None:
         """Queues checked requests (from `request`), in order; one cancelled before it is queued is not."""
@@ -570,7 +570,6 @@ class AsyncLLM:
 
     async def submit(self, prompt, params: SamplingParams | None = None, chat: bool = False) -> Request:
         """Queues one prompt; raises JaxinferError for a bad prompt or params (then nothing is queued)."""
-        from jaxinfer.llm import _StreamText
 
         ids = self.llm._prompt_ids(prompt if isinstance(prompt, str) else [prompt], chat)[0]
         params = self.llm._params_list(params, 1)[0]
@@ -580,7 +579,7 @@ class AsyncLLM:
         except asyncio.CancelledError:  # the caller left while the thread may still queue it
             self._abandon(req)
             raise
-        req.feed = _Feed(asyncio.Queue(), _StreamText(req))
+        req.feed = _Feed(asyncio.Queue(), StreamText(req))
         self._open[req] = req.feed
         self._wake()
         return req
@@ -674,4 +673,4 @@ class AsyncLLM:
 @dataclasses.dataclass(eq=False)
 class _Feed:
     queue: asyncio.Queue  # StreamChunks, then the last one or a JaxinferError
-    text: object  # llm._StreamText: what was sent so far
+    text: StreamText  # what was sent so far

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer import hlo, pipeline, steps
-from jaxinfer.llm import Setup, buckets, prepare
+from jaxinfer.runtime import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
 from models import llama
 

@@ -103,7 +103,7 @@ def _gpu_check():
 
 @pytest.mark.parametrize("model", ["llama3-8b", "qwen3-30b-a3b"])
 def test_decode_reads_gathered_embedding_rows_and_touched_experts(model):
-    from jaxinfer.llm import prepare
+    from jaxinfer.runtime import prepare
 
     setup = prepare(model, dict(tp=1), dtype="bfloat16", random_weights=True)  # abstract: no weights made
     cfg = setup.config

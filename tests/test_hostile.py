@@ -16,9 +16,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 import jaxinfer
-from jaxinfer import JaxinferError, distributed, sampling, steps
+from jaxinfer import JaxinferError, distributed, outputs, sampling, steps
 from jaxinfer import engine as engine_module
-from jaxinfer import llm as llm_module
 from jaxinfer.tokenizer import Tokenizer
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -169,14 +168,14 @@ BAD = [44, 45, 46, 47]
 @pytest.fixture
 def failing_stops(monkeypatch):
     """Stop handling raises for the prompt BAD once it has two tokens."""
-    push = llm_module._Stops.push
+    push = outputs.Stops.push
 
     def bad_push(self, row, token, logprob):
         if row.prompt == BAD and len(row.ids) >= 2:
             raise RuntimeError("boom in stop handling")
         push(self, row, token, logprob)
 
-    monkeypatch.setattr(llm_module._Stops, "push", bad_push)
+    monkeypatch.setattr(outputs.Stops, "push", bad_push)
 
 
 def test_a_request_that_fails_while_running_fails_alone(llm, failing_stops):

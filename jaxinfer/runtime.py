@@ -1,0 +1,257 @@
+"""Everything decided before any weight is read: config, mesh on the given devices, rules, dtype,
+kernel choice and the abstract model (`prepare` -> `Setup`), and the shape buckets steps compile for."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer import checkpoint, kernels, sharding, steps
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import JaxinferError
+from jaxinfer.pipeline import Pipeline
+from jaxinfer.sampling import SamplingParams
+from models import kv_cache, llama
+from models.moe import DISPATCH_MODES, MoE
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIN_PROMPT_BUCKET = 16
+DECODE_CHUNK = 8  # decode steps per compiled call; tokens come back to the host this often
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def buckets(n_prompts: int, longest: int, max_tokens: int, dp: int, max_seq_len: int) -> tuple[int, int, int]:
+    """The compiled shapes a request lands in: (batch, prompt length, cache length), powers of two."""
+    batch = dp * _pow2(-(-n_prompts // dp))
+    prompt = min(max(MIN_PROMPT_BUCKET, _pow2(longest)), max_seq_len)
+    cache = min(max(prompt, _pow2(longest + max_tokens)), max_seq_len)
+    return batch, prompt, cache
+
+
+def ensure_devices(count: int) -> None:
+    """On CPU, asks jax for `count` simulated devices when its backend has not started yet."""
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    have = max(jax.config.jax_num_cpu_devices, int(flag.group(1)) if flag else 1)
+    if not started and count > have:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything decided before any weight is read: config, mesh, rules, dtype and the abstract model."""
+
+    source: checkpoint.Source
+    config: ModelConfig
+    mesh: Mesh
+    rules: dict
+    dtype: jnp.dtype
+    max_seq_len: int
+    cache_kv_heads: int
+    graphdef: nnx.GraphDef
+    abstract: nnx.State  # parameters as ShapeDtypeStructs carrying their shardings
+    moe: MoE | None = None  # how routed layers dispatch tokens to their experts
+    attention: kernels.Choice | None = None  # paged decode attention: implementation and why
+    moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
+
+    def kernel_report(self) -> dict[str, str]:
+        """Which implementation each compiled step uses, and why."""
+        out = {
+            "engine decode attention": str(self.attention),
+            "prefill and static-path attention": "xla (the Pallas kernel is for paged decode)",
+        }
+        if self.moe_kernel is not None:
+            out["expert matmul"] = str(self.moe_kernel)
+        return out
+
+    def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
+        """The abstract model (no weights made) split into graph and state."""
+        cfg = self.config
+        pipeline = Pipeline(self.mesh, self.mesh.shape["pp"]) if self.mesh.shape["pp"] > 1 else None
+        model = nnx.eval_shape(
+            lambda: llama.Llama(
+                cfg,
+                dtype=self.dtype,
+                kv_repeat=self.cache_kv_heads // cfg.num_kv_heads,
+                rngs=nnx.Rngs(0),
+                attention_kernel=attention_kernel,
+                pipeline=pipeline,
+                moe=self.moe,
+            )
+        )
+        return nnx.split(model)
+
+    def state_with(self, params: dict[str, jax.Array], unroll: bool = False) -> nnx.State:
+        """The model state holding `params`; with `unroll`, each stacked parameter becomes a list of
+        per-layer arrays and the forward pass loops over layers in Python instead of `lax.scan`."""
+        state = jax.tree.map(lambda x: x, self.abstract)
+        for path, var in nnx.to_flat_state(state):
+            x = params[path[-1]]
+            var.set_value(unstack(x) if unroll and path[-1] in self.stacked else x)
+        return state
+
+    @property
+    def stacked(self) -> set[str]:
+        return {name for name, w in llama.weights(self.config).items() if w.stacked}
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.num_layers, batch, self.cache_kv_heads, length, cfg.head_dim)
+
+    def page_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.num_layers, num_pages, page_size, self.cache_kv_heads, cfg.head_dim)
+
+    def shard_shape(self, shape: tuple[int, ...], axes) -> tuple[int, ...]:
+        return sharding.named(self.mesh, axes, self.rules).shard_shape(shape)
+
+    def page_bytes(self, num_pages: int, page_size: int) -> int:
+        """Bytes of k and v pages on one device."""
+        shard = self.shard_shape(self.page_shape(num_pages, page_size), kv_cache.PAGE_AXES)
+        return 2 * int(np.prod(shard)) * np.dtype(self.dtype).itemsize
+
+    def paged_cache(self, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+        sh = sharding.named(self.mesh, kv_cache.PAGE_AXES, self.rules)
+        return tuple(steps.init_cache(self.page_shape(num_pages, page_size), self.dtype, sh))
+
+    def attention_kernel(self):
+        """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA path."""
+        kind = self.attention.impl
+        if kind == "xla":
+            return None
+        from pallas_kernels.paged_attention import paged_attention
+
+        r = self.rules
+        q = P(r["batch"], r["q_heads"], None)
+        pages = P(None, None, None, r["cache_heads"], None)  # the layers a pipeline stage holds, whole
+        specs = (q, pages, pages, P(r["batch"]), P(r["batch"], None), P())
+        kernel = functools.partial(paged_attention, interpret=kind == "interpret")
+
+        def attend(*args):
+            # Inside a pipeline stage the context mesh already has pp manual; take it from there.
+            mesh = jax.sharding.get_abstract_mesh()
+            mesh = self.mesh if mesh.empty else mesh
+            manual = {a for s in specs for a in s if a is not None}
+            return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=q, axis_names=manual, check_vma=False)(
+                *args
+            )
+
+        return attend
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """A host batch [B, ...] onto the mesh, split over the batch axis."""
+        spec = P(self.rules["batch"], *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def sampling_arrays(self, params: SamplingParams, n: int, batch: int):
+        """Per-row sampling arrays for n real rows padded to `batch`, and whether all rows are greedy."""
+        temperature = np.zeros(batch, np.float32)
+        temperature[:n] = params.temperature
+        top_k = np.zeros(batch, np.int32)
+        top_k[:n] = params.top_k
+        top_p = np.ones(batch, np.float32)
+        top_p[:n] = params.top_p
+        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31 - 1))
+        keys = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(seed))), (batch, 2)).copy()
+        arrays = tuple(self.put(a) for a in (temperature, top_k, top_p, keys))
+        return arrays, params.temperature == 0
+
+    @property
+    def cache_sharding(self) -> NamedSharding:
+        return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
+
+
+def unstack(x: jax.Array) -> list[jax.Array]:
+    """[L, ...] -> L arrays [...] with the same split of the remaining dimensions."""
+    sh = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[1:]))
+    return jax.jit(lambda a: [a[i] for i in range(a.shape[0])], out_shardings=[sh] * x.shape[0])(x)
+
+
+def prepare(
+    model: str,
+    axes: dict[str, int],
+    mesh: str | None = None,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    random_weights: bool = False,
+    moe_dispatch: str = "auto",
+    moe_kernel: str = "auto",
+    attention: str = "auto",
+    devices=None,
+) -> Setup:
+    """Resolves the model and mesh and checks every constraint; reads no weights."""
+    t0 = time.perf_counter()
+    if moe_dispatch not in DISPATCH_MODES:
+        raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
+    kernels.check("moe_kernel", moe_kernel)
+    kernels.check("attention", attention)
+    overrides = None
+    if mesh is not None:
+        preset = sharding.load_preset(mesh)
+        shape = sharding.mesh_shape(**preset.get("axes", {}))
+        overrides = preset.get("rules")
+    else:
+        shape = sharding.mesh_shape(**axes)
+    if dtype is not None and dtype not in DTYPES:
+        raise JaxinferError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    source = checkpoint.resolve(model)
+    if source.kind == "shape" and not random_weights:
+        raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
+    cfg = source.config
+    if max_seq_len is not None and (type(max_seq_len) is not int or not 1 < max_seq_len <= cfg.max_position_embeddings):
+        raise JaxinferError(
+            f"max_seq_len={max_seq_len!r} must be in [2, {cfg.max_position_embeddings}] "
+            "(the model's max_position_embeddings) and an integer"
+        )
+    need = int(np.prod(list(shape.values())))
+    if devices is not None:
+        devices = list(devices)
+        if len(devices) != need or len(set(devices)) != need:
+            raise JaxinferError(
+                f"devices= lists {len(devices)} devices ({len(set(devices))} distinct) but the mesh "
+                f"{dict(shape)} needs exactly {need}; pass {need} distinct devices or change the axis sizes"
+            )
+    else:
+        ensure_devices(need)
+    device_mesh = sharding.make_mesh(shape, devices)
+    rules = sharding.resolve_rules(cfg, device_mesh, overrides)
+    if dtype is None:
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dt = DTYPES[dtype]
+    kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
+    log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
+    setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
+    setup.attention = kernels.attention(cfg, dt, attention)
+    log.info("decode attention: %s", setup.attention)
+    if cfg.num_experts:
+        setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)
+        log.info("expert matmul: %s", setup.moe_kernel)
+        setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, setup.moe_kernel.impl)
+    setup.graphdef, abstract = setup.build()
+    shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
+    for path, var in nnx.to_flat_state(abstract):
+        v = var.get_value()
+        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[path[-1]]))
+    setup.abstract = abstract
+    return setup
