@@ -133,7 +133,6 @@ def _llm():
 def cmd_generate() -> None:
     import jax
 
-    from jaxinfer import distributed
     from jaxinfer.errors import JaxinferError
     from jaxinfer.sampling import SamplingParams
 
@@ -148,7 +147,7 @@ def cmd_generate() -> None:
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
-        seed=distributed.broadcast_seed(FLAGS.seed),
+        seed=FLAGS.seed,  # unseeded requests draw process 0's seed in the engine
         stop=FLAGS.stop,
         ignore_eos=FLAGS.ignore_eos,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 import jax
 import numpy as np
@@ -49,11 +50,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     return True
 
 
-def broadcast_seed(seed: int | None) -> int | None:
-    """Process 0's choice of seed on every process, so that all run the same schedule."""
+def draw_seed() -> int:
+    """A fresh 63-bit seed, process 0's on every process of a multi-process run, so that all run the
+    same schedule."""
+    seed = secrets.randbits(63)
     if not _joined:  # (asking jax.process_count() would start the backend before the mesh sizes it)
         return seed
     from jax.experimental import multihost_utils
 
-    mine = np.int64(seed if seed is not None else np.random.randint(0, 2**31 - 1))
-    return int(multihost_utils.broadcast_one_to_all(mine))
+    return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import secrets
 import threading
 
 import jax
@@ -128,13 +127,8 @@ def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
 
 
 def _key(seed: int | None) -> np.ndarray:
-    """A request's key: from its seed, or from one drawn now (on process 0 of a multi-process run,
-    shared with the others so that all run the same schedule)."""
-    if seed is None:
-        seed = secrets.randbits(63)
-        if jax.process_count() > 1:
-            seed = distributed.broadcast_seed(seed)
-    return seed_key(seed)
+    """A request's key: from its seed, or from one drawn now (process 0's in a multi-process run)."""
+    return seed_key(distributed.draw_seed() if seed is None else seed)
 
 
 class Engine:

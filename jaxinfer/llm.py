@@ -75,7 +75,9 @@ class LLM:
             max_num_seqs=max_num_seqs, page_size=page_size, num_pages=num_pages, prefill_chunk=prefill_chunk
         )
         for name, value in engine_sizes.items():
-            if value is not None and (not isinstance(value, int) or value < 1 + (name == "num_pages")):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1 + (name == "num_pages")
+            ):
                 raise JaxinferError(f"{name}={value!r} must be a positive integer (num_pages: at least 2)")
         setup = prepare(
             model,

@@ -17,11 +17,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import checkpoint, kernels, sharding, steps
+from jaxinfer import checkpoint, distributed, kernels, sharding, steps
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, seed_key
 from models import kv_cache, llama
 from models.moe import DISPATCH_MODES, MoE
 
@@ -172,8 +172,8 @@ class Setup:
         top_k[:n] = params.top_k
         top_p = np.ones(batch, np.float32)
         top_p[:n] = params.top_p
-        seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31 - 1))
-        keys = np.broadcast_to(np.asarray(jax.random.key_data(jax.random.key(seed))), (batch, 2)).copy()
+        seed = params.seed if params.seed is not None else distributed.draw_seed()
+        keys = np.broadcast_to(seed_key(seed), (batch, 2)).copy()
         arrays = tuple(self.put(a) for a in (temperature, top_k, top_p, keys))
         return arrays, params.temperature == 0
 

@@ -182,5 +182,7 @@ def test_requests_that_can_never_fit_and_bad_engine_settings(tiny_dir, llm):
         llm.engine.add(list(range(3, 83)), jaxinfer.SamplingParams(max_tokens=4))
     with pytest.raises(JaxinferError, match=r"page_size=0 must be a positive integer"):
         jaxinfer.LLM(str(tiny_dir("llama3")), page_size=0)
+    with pytest.raises(JaxinferError, match=r"max_num_seqs=True must be a positive integer"):
+        jaxinfer.LLM(str(tiny_dir("llama3")), max_num_seqs=True)
     with pytest.raises(JaxinferError, match=r"got 2 SamplingParams for 3 prompts"):
         llm.generate([[1], [2], [3]], [jaxinfer.SamplingParams()] * 2)

@@ -152,8 +152,10 @@ def test_seeds_of_any_size_are_distinct_and_unseeded_ones_are_drawn_once(llm, mo
     engine.cancel(a)
     engine.cancel(b)
     # Multi-process: process 0's draw is shared.
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(distributed, "broadcast_seed", lambda seed: 12345)
+    from jax.experimental import multihost_utils
+
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int64(12345))
     c = engine.add(prompt, P(max_tokens=2))
     assert np.array_equal(c.key, sampling.seed_key(12345))
     engine.cancel(c)
