@@ -109,7 +109,7 @@ def _at_least_one(*names: str) -> None:
             raise JaxinferError(f"--{name}={value} must be an integer >= 1")
 
 
-def _llm():
+def _llm(max_num_seqs: int | None = None):
     from jaxinfer.llm import LLM
 
     return LLM(
@@ -122,7 +122,7 @@ def _llm():
         moe_dispatch=FLAGS.moe_dispatch,
         moe_kernel=FLAGS.moe_kernel,
         attention=FLAGS.attention,
-        max_num_seqs=FLAGS.max_num_seqs,
+        max_num_seqs=FLAGS.max_num_seqs or max_num_seqs,
         num_pages=FLAGS.num_pages,
         page_size=FLAGS.page_size,
         prefill_chunk=FLAGS.prefill_chunk,
@@ -151,7 +151,8 @@ def cmd_generate() -> None:
         stop=FLAGS.stop,
         ignore_eos=FLAGS.ignore_eos,
     )
-    llm = _llm()
+    # One run of known prompts: a KV pool for them, not for 16 full-length sequences (--max_num_seqs).
+    llm = _llm(max_num_seqs=len(prompts))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, chat=FLAGS.chat)
     dt = time.perf_counter() - t0
