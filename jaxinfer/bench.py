@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import explain, pipeline, steps
+from jaxinfer.executor import decode_chunks
 from jaxinfer.llm import LLM
 from jaxinfer.runtime import DECODE_CHUNK, buckets
 from jaxinfer.sampling import SamplingParams
@@ -101,22 +102,23 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
         tok, _, cache = steps.prefill(llm.graphdef, llm.state, cache, tokens_d, lengths, sampling, greedy_only=True)
         tok.block_until_ready()
         ttft = time.perf_counter() - t0
-        per_token, positions = [], np.full(b, prompt_len, np.int32)
+        per_token = []
+        decoding = decode_chunks(
+            llm.graphdef,
+            llm.state,
+            cache,
+            tok,
+            np.full(b, prompt_len, np.int32),
+            sampling,
+            put=setup.put,
+            n_steps=DECODE_CHUNK,
+            greedy_only=True,
+        )
         for _ in range(chunks):
             t1 = time.perf_counter()
-            toks, _, cache = steps.decode(
-                llm.graphdef,
-                llm.state,
-                cache,
-                tok,
-                setup.put(positions),
-                sampling,
-                n_steps=DECODE_CHUNK,
-                greedy_only=True,
-            )
+            toks, _ = next(decoding)
             toks.block_until_ready()
             per_token.append((time.perf_counter() - t1) / DECODE_CHUNK)
-            tok, positions = toks[:, -1], positions + DECODE_CHUNK
         return ttft, per_token
 
     once()  # compile

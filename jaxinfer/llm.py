@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxinfer import checkpoint, compile_cache, steps
 from jaxinfer.errors import JaxinferError
+from jaxinfer.executor import decode_chunks
 from jaxinfer.outputs import Completion, Row, Stops, StreamText, is_token
 from jaxinfer.runtime import DECODE_CHUNK, buckets, prepare
 from jaxinfer.sampling import SamplingParams
@@ -282,27 +283,25 @@ class LLM:
         first, first_lp = np.asarray(tok), np.asarray(logprob)
         for i, row in enumerate(rows):
             stops.push(row, int(first[i]), float(first_lp[i]))
-        positions = lengths_b.copy()
-        last = first
+        chunks = decode_chunks(
+            self.graphdef,
+            self.state,
+            cache,
+            tok,
+            lengths_b,
+            sampling,
+            put=self._put,
+            n_steps=DECODE_CHUNK,
+            greedy_only=greedy_only,
+        )
         while any(not r.done for r in rows):
-            toks, lps, cache = steps.decode(
-                self.graphdef,
-                self.state,
-                cache,
-                self._put(last.astype(np.int32)),
-                self._put(positions),
-                sampling,
-                n_steps=DECODE_CHUNK,
-                greedy_only=greedy_only,
-            )
-            toks, lps = np.asarray(toks), np.asarray(lps)
+            toks, lps = (np.asarray(a) for a in next(chunks))
             for i, row in enumerate(rows):
                 for j in range(DECODE_CHUNK):
                     if row.done:
                         break
                     stops.push(row, int(toks[i, j]), float(lps[i, j]))
-            positions = positions + DECODE_CHUNK
-            last = toks[:, -1]
+        chunks.close()  # (drops its reference to the cache now)
         return [stops.completion(r) for r in rows]
 
     def score(self, token_ids: Sequence[int]) -> np.ndarray:

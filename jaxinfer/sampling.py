@@ -1,4 +1,7 @@
-"""Sampling parameters (validated on the host) and the sampler that runs on the device."""
+"""Sampling parameters (validated on the host) and the sampler that runs on the device.
+
+Importing this module loads no jax (the sampler imports it when traced), so the host-only scheduler
+can use SamplingParams and seed_key."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import JaxinferError
@@ -140,6 +141,9 @@ def sample(logits, temperature, top_k, top_p, keys, positions, *, greedy_only: b
     position, so results do not depend on batch composition or on how steps are grouped.
     Returns (tokens [B] int32, logprobs [B] fp32 of the chosen tokens under the raw distribution).
     """
+    import jax  # here, not at the top: the host-only layers import this module for SamplingParams
+    import jax.numpy as jnp
+
     logp = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:

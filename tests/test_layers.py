@@ -27,6 +27,8 @@ LAYERS = {
     "jaxinfer.kernels": 4,
     "jaxinfer.outputs": 4,
     "jaxinfer.runtime": 5,
+    "jaxinfer.scheduler": 5,  # host only: numpy, outputs, sampling (no jax)
+    "jaxinfer.executor": 5,  # runs a scheduler's plan with steps
     "jaxinfer.engine": 6,
     "jaxinfer.llm": 7,
     "jaxinfer.explain": 7,
