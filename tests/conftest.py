@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compiles hundreds of shapes; one of them once crashed jax's CPU executable serializer
+# (a segfault in the cache write). tests/test_compile_cache.py checks the cache in its own processes.
+os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
