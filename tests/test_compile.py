@@ -2,12 +2,8 @@
 own check is in test_engine.py)."""
 
 import jaxinfer
-from jaxinfer import steps
+from tests import tiny
 from tests.tiny import IDS
-
-
-def _compiles():
-    return steps.prefill._cache_size() + steps.decode._cache_size() + steps.init_cache._cache_size()
 
 
 def test_no_recompilation_after_warm_up(tiny_dir):
@@ -23,7 +19,7 @@ def test_no_recompilation_after_warm_up(tiny_dir):
     ]
     for prompts, params in workloads:
         llm.generate_static(prompts, params)
-    warm = _compiles()
+    warm = tiny.compiles()
     for prompts, params in workloads:  # other lengths and batch sizes inside the same buckets
         llm.generate_static([p[1:] for p in prompts] + [IDS[:6]] * (len(prompts) > 1), params)
-    assert _compiles() == warm
+    assert tiny.compiles() == warm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 # A prompt of token ids inside every tiny vocabulary (256), shared by the numerics tests.
@@ -202,3 +203,19 @@ def write_gguf(hf_dir: Path, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_COMPILES = [0]
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+def compiles() -> int:
+    """Programs XLA has compiled in this process so far (every jit, not only our steps)."""
+    return _COMPILES[0]
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
