@@ -1,5 +1,6 @@
 """Shared fixtures. Eight simulated CPU devices, set before jax starts."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -15,6 +16,13 @@ import pytest  # noqa: E402
 assert jax.default_backend() != "cpu" or len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
 
 from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_models_between_modules():
+    """An LLM and its engine refer to each other: collect them (and their KV pools) with their module."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +42,7 @@ def tiny_dir(tmp_path_factory):
 def smollm2():
     import jaxinfer
 
-    return jaxinfer.LLM("smollm2-135m", tp=3)
+    return jaxinfer.LLM("smollm2-135m", tp=3, **tiny.SMALL_ENGINE)
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,14 @@ import pytest
 
 import jaxinfer
 from jaxinfer import JaxinferError, hlo, pipeline, steps
-from tests.tiny import IDS, rel_err
+from tests.tiny import IDS, SMALL_ENGINE, rel_err
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Paris is the capital of"]
 
 
 @pytest.fixture(scope="module")
 def single(smollm2):
-    one = jaxinfer.LLM("smollm2-135m")
+    one = jaxinfer.LLM("smollm2-135m", **SMALL_ENGINE)
     params = jaxinfer.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ids = one.tokenizer.encode(PROMPTS[0])
     return one.score(ids), [o.token_ids for o in one.generate(PROMPTS, params)], ids, params
@@ -22,7 +22,7 @@ def single(smollm2):
 @pytest.mark.parametrize("axes", [dict(pp=2), dict(pp=3), dict(pp=5), dict(pp=2, tp=3)], ids=str)
 def test_real_model_stages_equal_one_device(single, axes):
     logits, tokens, ids, params = single
-    llm = jaxinfer.LLM("smollm2-135m", **axes)
+    llm = jaxinfer.LLM("smollm2-135m", **axes, **SMALL_ENGINE)
     assert rel_err(llm.score(ids), logits) < 1e-4
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == tokens  # engine, paged cache
     assert [o.token_ids for o in llm.generate_static(PROMPTS, params)] == tokens

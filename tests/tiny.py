@@ -17,6 +17,10 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# The real model's engine sized for the tests' short prompts: a default pool takes a share of the
+# host's memory per simulated device, and the suite keeps several models alive at once.
+SMALL_ENGINE = dict(max_seq_len=512, max_num_seqs=4)
+
 COMMON = dict(
     vocab_size=256,
     hidden_size=64,
