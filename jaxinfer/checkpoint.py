@@ -29,7 +29,7 @@ from jaxinfer import config as config_lib
 from jaxinfer import sharding
 from jaxinfer import tokenizer as tokenizer_lib
 from jaxinfer.errors import JaxinferError
-from models import llama
+from models import llama, quant
 
 log = logging.getLogger(__name__)
 
@@ -345,43 +345,100 @@ def _check_shapes(w: llama.Weight, read: Callable[[str], Any]) -> None:
             raise JaxinferError(f"tensor {name!r} has shape {shape}; the config implies {part.layer_shape}")
 
 
-def place(source: Source, mesh: Mesh, rules: dict, dtype) -> dict[str, jax.Array]:
-    """Every parameter of the model as a sharded device array, read shard by shard."""
+def _read(w: llama.Weight, read: Callable[[str], Any], index: tuple[slice, ...]) -> np.ndarray:
+    """The piece `index` (full coordinates, the layers axis first when stacked) of parameter `w`."""
+    if not w.stacked:
+        return read_shard(w, read, 0, index)
+    layers = range(*index[0].indices(w.shape[0]))
+    return np.stack([read_shard(w, read, i, index[1:]) for i in layers])
+
+
+def _host_scales(w: llama.Weight, read: Callable[[str], Any]) -> np.ndarray:
+    """The int8 scales of a whole weight, computed on the host one stack entry at a time: each entry is
+    read whole (its full input dimensions, which a row-parallel shard lacks), reduced to its scales
+    and dropped, so the host holds one layer's tensor at a time and the scales of all."""
+    if not w.stacked:
+        return quant.scales_of(read_shard(w, read, 0, tuple(slice(None) for _ in w.shape)), w.in_axes)
+    full = tuple(slice(None) for _ in w.layer_shape)
+    return np.concatenate([quant.scales_of(read_shard(w, read, i, full)[None], w.in_axes) for i in range(w.shape[0])])
+
+
+def _scale_index(w: llama.Weight, index: tuple[slice, ...]) -> tuple[slice, ...]:
+    """The scales covering the values shard `index`: its output channels, the one entry of each input dim."""
+    return tuple(slice(None) if i in w.in_axes else s for i, s in enumerate(index))
+
+
+def place(source: Source, mesh: Mesh, rules: dict, dtype, quant_mode: str = "none") -> dict[str, Any]:
+    """Every parameter of the model as a sharded device array, read shard by shard. With `quant_mode`
+    "int8", a quantizable weight becomes a QArray: its scales are computed once on the host from the
+    whole weight (see _host_scales), and each device quantizes only the shard of values it holds."""
     params = {}
     spec = llama.weights(source.config)
     t0 = time.perf_counter()
     for n, (name, w) in enumerate(spec.items()):
         sh = sharding.named(mesh, w.axes, rules)
         _check_shapes(w, source.read)
-
-        def callback(index, w=w):
-            if not w.stacked:
-                return read_shard(w, source.read, 0, index).astype(dtype)
-            layers = range(*index[0].indices(w.shape[0]))
-            return np.stack([read_shard(w, source.read, i, index[1:]) for i in layers]).astype(dtype)
-
-        params[name] = jax.make_array_from_callback(w.shape, sh, callback)
+        if w.quantized(quant_mode):
+            scales = _host_scales(w, source.read)
+            values = jax.make_array_from_callback(
+                w.shape,
+                sh,
+                lambda index, w=w, scales=scales: quant.values_of(
+                    _read(w, source.read, index), scales[_scale_index(w, index)]
+                ),
+            )
+            scale_sh = sharding.named(mesh, w.scale_axes, rules)
+            params[name] = quant.QArray(
+                values, jax.make_array_from_callback(w.scale_shape, scale_sh, lambda index, s=scales: s[index])
+            )
+        else:
+            params[name] = jax.make_array_from_callback(
+                w.shape, sh, lambda index, w=w: _read(w, source.read, index).astype(dtype)
+            )
         log.info("loaded %-10s %-22s %s (%d/%d)", name, str(w.shape), sh.spec, n + 1, len(spec))
     jax.block_until_ready(params)
     log.info("placed %d tensors in %.1fs", len(params), time.perf_counter() - t0)
     return params
 
 
-def param_shardings(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict) -> dict:
-    return {name: sharding.named(mesh, w.axes, rules) for name, w in llama.weights(cfg).items()}
+def param_shardings(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict, quant_mode: str = "none") -> dict:
+    """Each parameter's sharding; a quantized weight's is a QArray of the values' and the scales'."""
+    out = {}
+    for name, w in llama.weights(cfg).items():
+        out[name] = sharding.named(mesh, w.axes, rules)
+        if w.quantized(quant_mode):
+            out[name] = quant.QArray(out[name], sharding.named(mesh, w.scale_axes, rules))
+    return out
 
 
-def random_params(cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict, dtype, seed: int = 0) -> dict:
-    """Random weights created directly on the devices, each already in its shard."""
+def random_params(
+    cfg: config_lib.ModelConfig, mesh: Mesh, rules: dict, dtype, seed: int = 0, quant_mode: str = "none"
+) -> dict:
+    """Random weights created directly on the devices, each already in its shard. Quantized weights are
+    the same random weights quantized on the devices, one weight per program (so at most one weight's
+    full-precision shards exist at a time)."""
     spec = llama.weights(cfg)
-    shardings = param_shardings(cfg, mesh, rules)
+    shardings = param_shardings(cfg, mesh, rules, quant_mode)
+    t0 = time.perf_counter()
+    if quant_mode != "none":
+        keys = jax.random.split(jax.random.key(seed), len(spec))
+        params = {}
+        for k, (name, w) in zip(keys, spec.items()):
+
+            @functools.partial(jax.jit, out_shardings=shardings[name])
+            def init_one(key, w=w):
+                x = llama.INITS[w.init](key, w.shape, dtype)
+                return quant.quantize(x, w.in_axes) if w.quantized(quant_mode) else x
+
+            params[name] = jax.block_until_ready(init_one(k))
+        log.info("created random %s weights in %.1fs", quant_mode, time.perf_counter() - t0)
+        return params
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init(key):
         keys = jax.random.split(key, len(spec))
         return {name: llama.INITS[w.init](k, w.shape, dtype) for k, (name, w) in zip(keys, spec.items())}
 
-    t0 = time.perf_counter()
     params = jax.block_until_ready(init(jax.random.key(seed)))
     log.info("created random weights in %.1fs", time.perf_counter() - t0)
     return params

@@ -20,6 +20,13 @@ flags.DEFINE_string("mesh", None, "Mesh preset name (meshes/*.json) or JSON file
 flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16"], "Weights and activations (default: float32 on CPU, bfloat16 on GPU)."
 )
+flags.DEFINE_enum(
+    "quant",
+    "none",
+    ["none", "int8", "fp8", "int4", "auto"],
+    "Weight quantization: none, or int8 (attention and dense MLP projections, per-output-channel scales). "
+    "fp8, int4 and auto are not built yet (an error says so).",
+)
 flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's max_position_embeddings).")
 flags.DEFINE_integer("max_num_seqs", None, "Engine: sequences decoded together (default 16).")
 flags.DEFINE_integer(
@@ -127,6 +134,7 @@ def _llm(max_num_seqs: int | None = None):
         page_size=FLAGS.page_size,
         prefill_chunk=FLAGS.prefill_chunk,
         compilation_cache=FLAGS.compilation_cache,
+        quant=FLAGS.quant,
     )
 
 
@@ -169,6 +177,11 @@ def cmd_convert() -> None:
 
     if not FLAGS.output:
         raise JaxinferError("convert needs --output=DIRECTORY")
+    if FLAGS.quant != "none":
+        raise JaxinferError(
+            f"convert --quant={FLAGS.quant}: writing quantized checkpoints is not built yet; convert with "
+            "--quant=none and pass --quant when loading"
+        )
     llm = _llm()
     from pathlib import Path
 
@@ -198,6 +211,7 @@ def cmd_explain() -> None:
         moe_dispatch=FLAGS.moe_dispatch,
         attention=FLAGS.attention,
         moe_kernel=FLAGS.moe_kernel,
+        quant=FLAGS.quant,
     )
     print(json.dumps(report) if FLAGS.json else explain.format_report(report))
 

@@ -26,12 +26,22 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 
 def per_device_param_bytes(setup: Setup, names=None) -> int:
-    """Bytes of the parameters (all, or those named) that one device holds."""
+    """Bytes of the parameters (all, or those named) that one device holds; a quantized weight counts
+    its int8 values and its scales."""
     return sum(
-        _shard_bytes(v.get_value())
+        _shard_bytes(leaf)
         for path, v in nnx.to_flat_state(setup.abstract)
         if names is None or path[-1] in names
+        for leaf in jax.tree.leaves(v.get_value())
     )
+
+
+def total_param_bytes(setup: Setup) -> int:
+    """Bytes of all parameters, unsharded."""
+    if setup.quant == "none":
+        return setup.config.param_count * np.dtype(setup.dtype).itemsize
+    leaves = [leaf for _, v in nnx.to_flat_state(setup.abstract) for leaf in jax.tree.leaves(v.get_value())]
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
 def step_param_bytes(setup: Setup, tokens: int) -> float:
@@ -115,6 +125,7 @@ def explain(
     moe_dispatch: str = "auto",
     attention: str = "auto",
     moe_kernel: str = "auto",
+    quant: str = "none",
 ) -> dict:
     setup = prepare(
         model,
@@ -125,6 +136,7 @@ def explain(
         moe_dispatch=moe_dispatch,
         attention=attention,
         moe_kernel=moe_kernel,
+        quant=quant,
     )
     cfg = setup.config
     b, t, cache_len = buckets(batch, prompt_len, gen_len, setup.mesh.shape["dp"], setup.max_seq_len)
@@ -146,9 +158,10 @@ def explain(
         "model": model,
         "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "dtype": np.dtype(setup.dtype).name,
+        "quant": setup.quant,
         "shapes": {"batch": b, "prompt_len": t, "cache_len": cache_len},
         "per_device": {"param_bytes": param_bytes, "kv_cache_bytes": kv_bytes},
-        "total": {"param_bytes": cfg.param_count * np.dtype(setup.dtype).itemsize, "devices": n_dev},
+        "total": {"param_bytes": total_param_bytes(setup), "devices": n_dev},
         "kernels": setup.kernel_report(),
         "steps": {},
     }
@@ -210,8 +223,9 @@ def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:
 def format_report(r: dict) -> str:
     gib = 1 << 30
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    weights = r["dtype"] if r.get("quant", "none") == "none" else f"{r['dtype']}, {r['quant']} weights"
     lines = [
-        f"{r['model']} on {mesh} ({r['dtype']}), batch {r['shapes']['batch']}, prompt {r['shapes']['prompt_len']}, "
+        f"{r['model']} on {mesh} ({weights}), batch {r['shapes']['batch']}, prompt {r['shapes']['prompt_len']}, "
         f"cache {r['shapes']['cache_len']}",
         f"per device: parameters {r['per_device']['param_bytes'] / gib:.3f} GiB "
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "

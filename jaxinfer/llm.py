@@ -45,6 +45,8 @@ class LLM:
     Mixture-of-experts models: experts split over `ep`; moe_dispatch "auto" | "all_to_all" | "psum"
     (see models/moe.py; auto picks per step shape the mode that sends fewer bytes), moe_kernel as
     `attention` for the grouped expert matmul (xla: jax.lax.ragged_dot).
+    quant: "none" or "int8": the attention and dense MLP projections stored as int8 with per-output-
+    channel scales, quantized while loading (models/quant.py); "fp8", "int4" and "auto" are not built yet.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class LLM:
         moe_kernel: str = "auto",
         devices=None,
         compilation_cache: str | None = None,
+        quant: str = "none",
     ):
         t0 = time.perf_counter()
         compile_cache.enable(compilation_cache)
@@ -91,6 +94,7 @@ class LLM:
             moe_kernel=moe_kernel,
             attention=attention,
             devices=devices,
+            quant=quant,
         )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
@@ -107,11 +111,11 @@ class LLM:
         if unroll_layers and self.mesh.shape["pp"] > 1:
             raise JaxinferError("unroll_layers=True needs pp=1: pipeline stages split the stacked layers")
         if random_weights:
-            params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype)
+            params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype, quant_mode=quant)
         elif setup.source.kind == "orbax":
             params = checkpoint.restore_orbax(setup.source, self.mesh, self.rules, self.dtype)
         else:
-            params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype)
+            params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype, quant)
         self.params = params
         self.unroll_layers = unroll_layers
         self.state = setup.state_with(params, unroll=unroll_layers)

@@ -22,7 +22,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
 from jaxinfer.sampling import SamplingParams, seed_key
-from models import kv_cache, llama
+from models import kv_cache, llama, quant
 from models.moe import DISPATCH_MODES, MoE
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,17 @@ def ensure_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
+def check_quant(mode) -> None:
+    """Weight quantization modes: "none" and "int8" are built; fp8, int4 and auto are not yet."""
+    if mode in quant.MODES:
+        return
+    why = " is not built yet" if mode in quant.NOT_BUILT else " is not a quantization mode"
+    raise JaxinferError(
+        f"quant={mode!r}{why}; use one of {', '.join(map(repr, quant.MODES))} "
+        f"({', '.join(quant.NOT_BUILT)} are planned, not built yet)"
+    )
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything decided before any weight is read: config, mesh, rules, dtype and the abstract model."""
@@ -74,6 +85,7 @@ class Setup:
     moe: MoE | None = None  # how routed layers dispatch tokens to their experts
     attention: kernels.Choice | None = None  # paged decode attention: implementation and why
     moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
+    quant: str = "none"  # weight quantization: "none" or "int8" (models/quant.py)
 
     def kernel_report(self) -> dict[str, str]:
         """Which implementation each compiled step uses, and why."""
@@ -98,6 +110,7 @@ class Setup:
                 attention_kernel=attention_kernel,
                 pipeline=pipeline,
                 moe=self.moe,
+                quant_mode=self.quant,
             )
         )
         return nnx.split(model)
@@ -182,8 +195,10 @@ class Setup:
         return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
 
 
-def unstack(x: jax.Array) -> list[jax.Array]:
-    """[L, ...] -> L arrays [...] with the same split of the remaining dimensions."""
+def unstack(x) -> list:
+    """[L, ...] -> L arrays [...] with the same split of the remaining dimensions (a QArray: L QArrays)."""
+    if isinstance(x, quant.QArray):
+        return [quant.QArray(v, s) for v, s in zip(unstack(x.values), unstack(x.scales))]
     sh = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[1:]))
     return jax.jit(lambda a: [a[i] for i in range(a.shape[0])], out_shardings=[sh] * x.shape[0])(x)
 
@@ -199,9 +214,11 @@ def prepare(
     moe_kernel: str = "auto",
     attention: str = "auto",
     devices=None,
+    quant: str = "none",
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
+    check_quant(quant)
     if moe_dispatch not in DISPATCH_MODES:
         raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
     kernels.check("moe_kernel", moe_kernel)
@@ -218,6 +235,11 @@ def prepare(
     source = checkpoint.resolve(model)
     if source.kind == "shape" and not random_weights:
         raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
+    if quant != "none" and source.kind == "orbax" and not random_weights:
+        raise JaxinferError(
+            f"quant={quant!r} with an orbax checkpoint ({source.path}) is not built yet: quantize while loading the "
+            "Hugging Face or GGUF checkpoint it was converted from, or use quant='none'"
+        )
     cfg = source.config
     if max_seq_len is not None and (type(max_seq_len) is not int or not 1 < max_seq_len <= cfg.max_position_embeddings):
         raise JaxinferError(
@@ -242,6 +264,7 @@ def prepare(
     kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
+    setup.quant = quant
     setup.attention = kernels.attention(cfg, dt, attention)
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
@@ -249,9 +272,12 @@ def prepare(
         log.info("expert matmul: %s", setup.moe_kernel)
         setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, setup.moe_kernel.impl)
     setup.graphdef, abstract = setup.build()
-    shardings = checkpoint.param_shardings(cfg, device_mesh, rules)
+    shardings = checkpoint.param_shardings(cfg, device_mesh, rules, quant)
     for path, var in nnx.to_flat_state(abstract):
-        v = var.get_value()
-        var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[path[-1]]))
+        var.set_value(
+            jax.tree.map(
+                lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), var.get_value(), shardings[path[-1]]
+            )
+        )
     setup.abstract = abstract
     return setup

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
+from models import quant
 from models.kv_cache import CACHE_AXES, KVCache, PagedKVCache  # noqa: F401  (CACHE_AXES re-exported)
 
 
@@ -32,7 +33,8 @@ class Weight:
     stored by Hugging Face as [out, in] and here as [in..., out...] with `n_in` leading input
     dimensions; other weights keep their element order and are only reshaped. A `fused` weight stacks
     several checkpoint tensors (`hf` is then a tuple) along that axis of the per-tensor shape, so that
-    one matmul computes them all.
+    one matmul computes them all. A `quant` weight is stored int8 with per-output-channel scales when the
+    model is quantized (models/quant.py); its input dimensions are the `n_in` after layers and experts.
     """
 
     shape: tuple[int, ...]
@@ -44,10 +46,29 @@ class Weight:
     fused: int | None = None
     layer_ids: tuple[int, ...] | None = None
     experts: bool = False
+    quant: bool = False
 
     @property
     def stacked(self) -> bool:
         return self.axes[0] == "layers"
+
+    @property
+    def in_axes(self) -> tuple[int, ...]:
+        """The dimensions a matmul contracts (a linear weight's input dimensions)."""
+        first = int(self.stacked) + int(self.experts)
+        return tuple(range(first, first + self.n_in))
+
+    def quantized(self, mode: str) -> bool:
+        return self.quant and mode != "none"
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return quant.scale_shape(self.shape, self.in_axes)
+
+    @property
+    def scale_axes(self) -> tuple[str | None, ...]:
+        """The weight's axes with the input dimensions unnamed: scales are split like the output channels."""
+        return tuple(None if i in self.in_axes else a for i, a in enumerate(self.axes))
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -92,15 +113,25 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
         "embed": Weight((v, d), ("vocab", "embed"), "model.embed_tokens.weight"),
         "final_norm": Weight((d,), ("embed",), "model.norm.weight", init="ones"),
         "attn_norm": Weight((n, d), ("layers", "embed"), a + "input_layernorm.weight", init="ones"),
-        "wq": Weight((n, d, h, hd), ("layers", "embed", "q_heads", "head_dim"), a + "self_attn.q_proj.weight", True),
+        "wq": Weight(
+            (n, d, h, hd), ("layers", "embed", "q_heads", "head_dim"), a + "self_attn.q_proj.weight", True, quant=True
+        ),
         "wkv": Weight(
             (n, d, 2, k, hd),
             ("layers", "embed", None, "kv_heads", "head_dim"),
             (a + "self_attn.k_proj.weight", a + "self_attn.v_proj.weight"),
             True,
             fused=1,
+            quant=True,
         ),
-        "wo": Weight((n, h, hd, d), ("layers", "q_heads", "head_dim", "embed"), a + "self_attn.o_proj.weight", True, 2),
+        "wo": Weight(
+            (n, h, hd, d),
+            ("layers", "q_heads", "head_dim", "embed"),
+            a + "self_attn.o_proj.weight",
+            True,
+            2,
+            quant=True,
+        ),
         "mlp_norm": Weight((n, d), ("layers", "embed"), a + "post_attention_layernorm.weight", init="ones"),
     }
     dense = cfg.dense_layers
@@ -113,9 +144,10 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
             True,
             fused=1,
             layer_ids=ids,
+            quant=True,
         )
         w["w_down"] = Weight(
-            (len(dense), f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True, layer_ids=ids
+            (len(dense), f, d), ("layers", "mlp", "embed"), a + "mlp.down_proj.weight", True, layer_ids=ids, quant=True
         )
     if cfg.moe_layers:
         m, e, fe = len(cfg.moe_layers), cfg.num_experts, cfg.moe_intermediate_size
@@ -235,8 +267,8 @@ def block(
     eps = cfg.rms_norm_eps
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
-        q = jnp.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
-        kv = jnp.einsum("btd,dckh->btckh", h, p["wkv"])  # [B, T, D] -> [B, T, 2, K, H]
+        q = quant.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
+        kv = quant.einsum("btd,dckh->btckh", h, p["wkv"])  # [B, T, D] -> [B, T, 2, K, H]
         if cfg.qkv_bias:
             q, kv = q + p["bq"], kv + p["bkv"]
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -248,16 +280,16 @@ def block(
         cache = cache.update(layer, k, v, q_pos)
         o = cache.attend(layer, q, q_pos, kv_len, cfg.sliding_window, kernel)
         # As one [B, T, N*H] x [N*H, D] matmul: an einsum over (n, h) made XLA:CPU transpose wo each step.
-        wo = p["wo"].reshape(-1, p["wo"].shape[-1])
-        x = x + jnp.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
+        wo = quant.merge_leading(p["wo"], 2)
+        x = x + quant.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
         if "router" in p:
             x = x + moe(p, h, cfg)
         else:
-            gate_up = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
+            gate_up = quant.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+            x = x + quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
 
 
@@ -270,7 +302,9 @@ def _length(x) -> int:
 
 
 def _take(x, start: int, stop: int):
-    return x if (start, stop) == (0, _length(x)) else x[start:stop]
+    if (start, stop) == (0, _length(x)):
+        return x
+    return x[start:stop] if isinstance(x, (list, tuple)) else jax.tree.map(lambda a: a[start:stop], x)
 
 
 def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None):
@@ -330,6 +364,7 @@ class Llama(nnx.Module):
         attention_kernel=None,
         pipeline=None,
         moe=None,
+        quant_mode: str = "none",
     ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
@@ -338,12 +373,12 @@ class Llama(nnx.Module):
         self.moe = moe  # models.moe.MoE for the routed layers, or None
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
-        self.params = nnx.Dict(
-            {
-                name: nnx.Param(INITS[w.init](rngs.params(), w.shape, dtype), logical_axes=w.axes)
-                for name, w in spec.items()
-            }
-        )
+
+        def init(w: Weight):
+            x = INITS[w.init](rngs.params(), w.shape, dtype)
+            return quant.quantize(x, w.in_axes) if w.quantized(quant_mode) else x
+
+        self.params = nnx.Dict({name: nnx.Param(init(w), logical_axes=w.axes) for name, w in spec.items()})
 
     def __call__(self, tokens, positions, cache: KVCache | PagedKVCache, *, kv_len: int = 0, logit_index=None):
         """tokens/positions [B, T]; returns (fp32 logits [B, T or 1, V], updated cache).
