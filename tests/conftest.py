@@ -20,8 +20,13 @@ from tests import tiny  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_models_between_modules():
-    """An LLM and its engine refer to each other: collect them (and their KV pools) with their module."""
+    """Each compiled XLA:CPU program holds a few memory mappings of JIT code; the whole suite compiles
+    enough of them to reach the kernel's limit of 65,530 mappings per process (vm.max_map_count), after
+    which a compile segfaults. Drop the compiled programs and the models (an LLM and its engine refer
+    to each other, so only the cyclic collector frees them) when each module ends."""
     yield
+    gc.collect()
+    jax.clear_caches()
     gc.collect()
 
 
