@@ -766,6 +766,7 @@ def build_llm(ctx: Ctx, model: str, batches, moe: bool):
         num_pages=max(batches) * pages_per_seq + 2,
         prefill_chunk=max(batches) * plan.prompt,  # every prompt in the first step: all requests decode together
         attention=kernel,
+        unroll_layers={"on": True, "off": False}.get(os.environ.get("GPU_CHECK_UNROLL", "auto")),
         **({"moe_kernel": kernel} if moe else {}),
     )
 
@@ -782,7 +783,8 @@ def engine_stage(ctx: Ctx, model: str, label: str, batches, moe: bool, note: str
         f"{label} attention implementation",
         "pass" if ok else "fail",
         f"{what}; {cfg.num_layers} layers, {cfg.param_count * dtype.itemsize / 1e9:.1f} GB of "
-        f"{dtype.name} weights made in {time.time() - t0:.0f} s{note}",
+        f"{dtype.name} weights made in {time.time() - t0:.0f} s; layers "
+        f"{'unrolled' if llm.unroll_layers else 'in lax.scan'}{note}",
         kernel_plugged=ok,
         layers=cfg.num_layers,
     )
@@ -1025,6 +1027,7 @@ def child_env(args, jsonl: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["GPU_CHECK_JSONL"] = str(jsonl)
+    env["GPU_CHECK_UNROLL"] = args.unroll_layers
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["JAX_COMPILATION_CACHE_DIR"] = str(args.cache_dir)
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
@@ -1191,6 +1194,12 @@ def main() -> None:
     ap.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(RUNNERS)}")
     ap.add_argument("--budget", action="append", default=[], help="STAGE=SECONDS, overrides a stage's budget")
     ap.add_argument("--cache_dir", type=Path, default=DEFAULT_CACHE, help="jax's persistent compilation cache")
+    ap.add_argument(
+        "--unroll_layers",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the engine stages' layer loop: LLM's default (auto), Python-unrolled (on) or lax.scan (off)",
+    )
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_until", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

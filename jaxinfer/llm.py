@@ -36,7 +36,7 @@ class LLM:
     jax.devices()); engines on disjoint device lists run side by side in one process (replicas).
     compilation_cache: directory of jax's persistent compilation cache, so a restart skips compiling
     (default $JAXINFER_COMPILATION_CACHE, else ~/.cache/jaxinfer/xla; "" turns it off).
-    unroll_layers: loop over layers in Python instead of `lax.scan` (default: on CPU only).
+    unroll_layers: loop over layers in Python instead of `lax.scan` (default: unless pp > 1).
     Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
     (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
     after the weights holds, at most what max_num_seqs full-length sequences need), prefill_chunk
@@ -104,10 +104,12 @@ class LLM:
         self.cache_kv_heads = setup.cache_kv_heads
         self.graphdef = setup.graphdef
         if unroll_layers is None:
-            # XLA:CPU copies each layer's weights out of the stack inside a scan (measured: 1.5x slower
-            # decode at batch 16); elsewhere the scan keeps compile time flat in depth. Pipeline stages
-            # split the stack itself, so they always scan.
-            unroll_layers = jax.default_backend() == "cpu" and self.mesh.shape["pp"] == 1
+            # XLA copies each layer's weights out of the stack inside a scan, so a scanned decode step moves
+            # every weight three times. Measured (benchmarks/gpu_check.py, H200, bf16, batch 1): Llama-3-8B
+            # TPOT 11.7 ms scanned, 4.9 ms unrolled; Qwen3-30B-A3B 34.8 ms and 7.8 ms (the scan copies all
+            # experts, not just the routed ones). On CPU decode is 1.5x faster unrolled at batch 16.
+            # Pipeline stages split the stack itself, so they always scan.
+            unroll_layers = self.mesh.shape["pp"] == 1
         if unroll_layers and self.mesh.shape["pp"] > 1:
             raise JaxinferError("unroll_layers=True needs pp=1: pipeline stages split the stacked layers")
         if random_weights:
@@ -116,9 +118,9 @@ class LLM:
             params = checkpoint.restore_orbax(setup.source, self.mesh, self.rules, self.dtype)
         else:
             params = checkpoint.place(setup.source, self.mesh, self.rules, self.dtype, quant)
-        self.params = params
         self.unroll_layers = unroll_layers
-        self.state = setup.state_with(params, unroll=unroll_layers)
+        self.state = setup.state_with(params, unroll=unroll_layers, consume=True)
+        del params
         self.engine_options = dict(
             max_num_seqs=16 if max_num_seqs is None else max_num_seqs,
             page_size=16 if page_size is None else page_size,
@@ -189,6 +191,16 @@ class LLM:
         if kernel is None:
             return self.graphdef
         return self.setup.build(kernel)[0]
+
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        """The weights by name, stacked weights as one [layers, ...] array (rebuilt from the per-layer
+        arrays when the layers are unrolled: a copy, for saving or inspecting, not for serving)."""
+        return self.setup.params_of(self.state)
+
+    @params.setter
+    def params(self, params: dict[str, jax.Array]) -> None:
+        self.state = self.setup.state_with(params, unroll=self.unroll_layers)
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
         params = SamplingParams() if params is None else params

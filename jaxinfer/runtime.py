@@ -115,14 +115,26 @@ class Setup:
         )
         return nnx.split(model)
 
-    def state_with(self, params: dict[str, jax.Array], unroll: bool = False) -> nnx.State:
+    def state_with(self, params: dict[str, jax.Array], unroll: bool = False, consume: bool = False) -> nnx.State:
         """The model state holding `params`; with `unroll`, each stacked parameter becomes a list of
-        per-layer arrays and the forward pass loops over layers in Python instead of `lax.scan`."""
+        per-layer arrays and the forward pass loops over layers in Python instead of `lax.scan`. With
+        `consume` each stacked array is freed once split, so the weights are never held twice (the
+        caller must hold no other reference to them)."""
         state = jax.tree.map(lambda x: x, self.abstract)
         for path, var in nnx.to_flat_state(state):
             x = params[path[-1]]
-            var.set_value(unstack(x) if unroll and path[-1] in self.stacked else x)
+            if unroll and path[-1] in self.stacked:
+                var.set_value(unstack(x))
+                if consume:
+                    jax.tree.map(lambda a: a.delete(), x)
+            else:
+                var.set_value(x)
         return state
+
+    def params_of(self, state: nnx.State) -> dict[str, jax.Array]:
+        """The parameters in `state` by name, each stacked one as one [layers, ...] array again."""
+        shardings = checkpoint.param_shardings(self.config, self.mesh, self.rules, self.quant)
+        return {path[-1]: restack(var.get_value(), shardings[path[-1]]) for path, var in nnx.to_flat_state(state)}
 
     @property
     def stacked(self) -> set[str]:
@@ -193,6 +205,18 @@ class Setup:
     @property
     def cache_sharding(self) -> NamedSharding:
         return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
+
+
+def restack(x, sharding):
+    """unstack's inverse: per-layer arrays (or QArrays) -> one [L, ...] array placed by `sharding` (a
+    QArray of shardings for QArrays); anything else as given."""
+    if not isinstance(x, (list, tuple)):
+        return x
+    if isinstance(x[0], quant.QArray):
+        return quant.QArray(
+            restack([q.values for q in x], sharding.values), restack([q.scales for q in x], sharding.scales)
+        )
+    return jax.jit(lambda parts: jnp.stack(parts), out_shardings=sharding)(list(x))
 
 
 def unstack(x) -> list:

@@ -71,7 +71,6 @@ def _dequantized_reference(path: str, axes: tuple) -> jaxinfer.LLM:
             x
         )
     llm.params = params
-    llm.state = llm.setup.state_with(params, unroll=llm.unroll_layers)
     return llm
 
 
