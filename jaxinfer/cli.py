@@ -27,6 +27,12 @@ flags.DEFINE_enum(
     "Weight quantization: none, or int8 (attention and dense MLP projections, per-output-channel scales). "
     "fp8, int4 and auto are not built yet (an error says so).",
 )
+flags.DEFINE_enum(
+    "kv_cache_dtype",
+    "auto",
+    ["auto", "fp8", "int8"],
+    "KV-cache storage: auto (the activation dtype); fp8 and int8 are not built yet (an error says so).",
+)
 flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's max_position_embeddings).")
 flags.DEFINE_integer("max_num_seqs", None, "Engine: sequences decoded together (default 16).")
 flags.DEFINE_integer(
@@ -135,6 +141,7 @@ def _llm(max_num_seqs: int | None = None):
         prefill_chunk=FLAGS.prefill_chunk,
         compilation_cache=FLAGS.compilation_cache,
         quant=FLAGS.quant,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
     )
 
 
@@ -212,6 +219,7 @@ def cmd_explain() -> None:
         attention=FLAGS.attention,
         moe_kernel=FLAGS.moe_kernel,
         quant=FLAGS.quant,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
     )
     print(json.dumps(report) if FLAGS.json else explain.format_report(report))
 

@@ -126,6 +126,7 @@ def explain(
     attention: str = "auto",
     moe_kernel: str = "auto",
     quant: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> dict:
     setup = prepare(
         model,
@@ -137,6 +138,7 @@ def explain(
         attention=attention,
         moe_kernel=moe_kernel,
         quant=quant,
+        kv_cache_dtype=kv_cache_dtype,
     )
     cfg = setup.config
     b, t, cache_len = buckets(batch, prompt_len, gen_len, setup.mesh.shape["dp"], setup.max_seq_len)

@@ -47,6 +47,7 @@ class LLM:
     `attention` for the grouped expert matmul (xla: jax.lax.ragged_dot).
     quant: "none" or "int8": the attention and dense MLP projections stored as int8 with per-output-
     channel scales, quantized while loading (models/quant.py); "fp8", "int4" and "auto" are not built yet.
+    kv_cache_dtype: "auto" (the activation dtype); "fp8" and "int8" are not built yet.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class LLM:
         devices=None,
         compilation_cache: str | None = None,
         quant: str = "none",
+        kv_cache_dtype: str = "auto",
     ):
         t0 = time.perf_counter()
         compile_cache.enable(compilation_cache)
@@ -95,6 +97,7 @@ class LLM:
             attention=attention,
             devices=devices,
             quant=quant,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype

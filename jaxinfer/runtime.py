@@ -69,6 +69,18 @@ def check_quant(mode) -> None:
     )
 
 
+KV_CACHE_DTYPES = ("auto",)  # built: "auto" = the activation dtype
+KV_CACHE_PLANNED = ("fp8", "int8")
+
+
+def check_kv_cache_dtype(kind) -> None:
+    """KV-cache storage: "auto" (the activation dtype); fp8 and int8 (scales per token and head)."""
+    if kind in KV_CACHE_DTYPES:
+        return
+    why = " is not built yet" if kind in KV_CACHE_PLANNED else " is not a KV-cache dtype"
+    raise JaxinferError(f"kv_cache_dtype={kind!r}{why}; use one of {', '.join(map(repr, KV_CACHE_DTYPES))}")
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything decided before any weight is read: config, mesh, rules, dtype and the abstract model."""
@@ -86,6 +98,7 @@ class Setup:
     attention: kernels.Choice | None = None  # paged decode attention: implementation and why
     moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
     quant: str = "none"  # weight quantization: "none" or "int8" (models/quant.py)
+    kv_cache_dtype: str = "auto"  # KV-cache storage: "auto" = the activation dtype
 
     def kernel_report(self) -> dict[str, str]:
         """Which implementation each compiled step uses, and why."""
@@ -239,10 +252,12 @@ def prepare(
     attention: str = "auto",
     devices=None,
     quant: str = "none",
+    kv_cache_dtype: str = "auto",
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
     check_quant(quant)
+    check_kv_cache_dtype(kv_cache_dtype)
     if moe_dispatch not in DISPATCH_MODES:
         raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
     kernels.check("moe_kernel", moe_kernel)
@@ -289,6 +304,7 @@ def prepare(
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
     setup.quant = quant
+    setup.kv_cache_dtype = kv_cache_dtype
     setup.attention = kernels.attention(cfg, dt, attention)
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
