@@ -168,6 +168,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is routed experts
+    # A serving choice, not the checkpoint's: a quantized model quantizes its output head (and a tied
+    # embedding) too. Kept here because every weight declaration (models/llama.weights) reads the config.
+    quantize_head: bool = False
 
     def __post_init__(self):
         # Checked here too, so that a config from any source (GGUF metadata, an orbax checkpoint's
@@ -454,7 +457,7 @@ def config_from_dict(d: dict[str, Any], source: str | Path = "jaxinfer.json") ->
     d["moe_layers"] = f.int_list("moe_layers")
     for name in ("architecture",):
         f.string(name)
-    for name in ("tie_word_embeddings", "qkv_bias", "qk_norm", "norm_topk_prob"):
+    for name in ("tie_word_embeddings", "qkv_bias", "qk_norm", "norm_topk_prob", "quantize_head"):
         if name in d:
             d[name] = f.flag(name)
     if d.get("bos_token_id") is not None:

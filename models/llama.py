@@ -33,8 +33,8 @@ class Weight:
     stored by Hugging Face as [out, in] and here as [in..., out...] with `n_in` leading input
     dimensions; other weights keep their element order and are only reshaped. A `fused` weight stacks
     several checkpoint tensors (`hf` is then a tuple) along that axis of the per-tensor shape, so that
-    one matmul computes them all. A `quant` weight is stored int8 with per-output-channel scales when the
-    model is quantized (models/quant.py); its input dimensions are the `n_in` after layers and experts.
+    one matmul computes them all. A `quant` weight is stored quantized (int8, fp8 or int4 values and their
+    scales, models/quant.py) when the model is; its input dimensions are the `n_in` after layers and experts.
     """
 
     shape: tuple[int, ...]
@@ -47,6 +47,7 @@ class Weight:
     layer_ids: tuple[int, ...] | None = None
     experts: bool = False
     quant: bool = False
+    contract: tuple[int, ...] | None = None  # in_axes of a weight that is not `linear` (a tied embedding)
 
     @property
     def stacked(self) -> bool:
@@ -55,20 +56,24 @@ class Weight:
     @property
     def in_axes(self) -> tuple[int, ...]:
         """The dimensions a matmul contracts (a linear weight's input dimensions)."""
+        if self.contract is not None:
+            return self.contract
         first = int(self.stacked) + int(self.experts)
         return tuple(range(first, first + self.n_in))
 
     def quantized(self, mode: str) -> bool:
         return self.quant and mode != "none"
 
-    @property
-    def scale_shape(self) -> tuple[int, ...]:
-        return quant.scale_shape(self.shape, self.in_axes)
+    def layout(self, fmt) -> quant.Layout:
+        """Shapes of the values and scales in quantization format `fmt` (models/quant.py)."""
+        return quant.layout(self.shape, self.in_axes, fmt)
 
-    @property
-    def scale_axes(self) -> tuple[str | None, ...]:
-        """The weight's axes with the input dimensions unnamed: scales are split like the output channels."""
-        return tuple(None if i in self.in_axes else a for i, a in enumerate(self.axes))
+    def scale_axes(self, fmt="int8") -> tuple[str | None, ...]:
+        """The weight's axes, unnamed where the scales have size 1: per-channel scales split like the
+        output channels and are replicated where the input is split (row-parallel wo, w_down); grouped
+        scales also split with the groups of the inputs each device holds."""
+        sizes = self.layout(fmt).scale_shape
+        return tuple(a if s != 1 else None for a, s in zip(self.axes, sizes))
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -110,7 +115,15 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
     h, k, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     a = "model.layers.{i}."
     w = {
-        "embed": Weight((v, d), ("vocab", "embed"), "model.embed_tokens.weight"),
+        # Tied, the table is also the output head: quantized (with quantize_head) over embed, the dim the
+        # head contracts, so a looked-up row is its values times its one scale (or its groups' scales).
+        "embed": Weight(
+            (v, d),
+            ("vocab", "embed"),
+            "model.embed_tokens.weight",
+            quant=cfg.quantize_head and cfg.tie_word_embeddings,
+            contract=(1,),
+        ),
         "final_norm": Weight((d,), ("embed",), "model.norm.weight", init="ones"),
         "attn_norm": Weight((n, d), ("layers", "embed"), a + "input_layernorm.weight", init="ones"),
         "wq": Weight(
@@ -163,6 +176,7 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
             fused=1,
             layer_ids=ids,
             experts=True,
+            quant=True,
         )
         w["we_down"] = Weight(
             (m, e, fe, d),
@@ -171,6 +185,7 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
             True,
             layer_ids=ids,
             experts=True,
+            quant=True,
         )
     if cfg.qkv_bias:
         w["bq"] = Weight((n, h, hd), ("layers", "q_heads", "head_dim"), a + "self_attn.q_proj.bias", init="zeros")
@@ -185,7 +200,7 @@ def weights(cfg: ModelConfig) -> dict[str, Weight]:
         w["q_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.q_norm.weight", init="ones")
         w["k_norm"] = Weight((n, hd), ("layers", "head_dim"), a + "self_attn.k_norm.weight", init="ones")
     if not cfg.tie_word_embeddings:
-        w["lm_head"] = Weight((d, v), ("embed", "vocab"), "lm_head.weight", True)
+        w["lm_head"] = Weight((d, v), ("embed", "vocab"), "lm_head.weight", True, quant=cfg.quantize_head)
     return w
 
 
@@ -376,7 +391,7 @@ class Llama(nnx.Module):
 
         def init(w: Weight):
             x = INITS[w.init](rngs.params(), w.shape, dtype)
-            return quant.quantize(x, w.in_axes) if w.quantized(quant_mode) else x
+            return quant.quantize(x, w.in_axes, quant_mode) if w.quantized(quant_mode) else x
 
         self.params = nnx.Dict({name: nnx.Param(init(w), logical_axes=w.axes) for name, w in spec.items()})
 
@@ -386,7 +401,7 @@ class Llama(nnx.Module):
         With `logit_index` [B], only the hidden state at that index of each row reaches the head.
         """
         p = {name: param.get_value() for name, param in self.params.items()}
-        x = jnp.take(p["embed"], tokens, axis=0)  # [B, T] -> [B, T, D]
+        x = quant.take(p["embed"], tokens, p["final_norm"].dtype)  # [B, T] -> [B, T, D]
         angles = positions[..., None].astype(jnp.float32) * rope_frequencies(self.cfg)  # [B, T, H/2]
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         stacked = {name: p[name] for name in self.stacked}
@@ -405,6 +420,8 @@ class Llama(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
         x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)
-        head = p["embed"].T if self.cfg.tie_word_embeddings else p["lm_head"]
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:
+            logits = quant.einsum("btd,vd->btv", x, p["embed"], preferred_element_type=jnp.float32)
+        else:
+            logits = quant.einsum("btd,dv->btv", x, p["lm_head"], preferred_element_type=jnp.float32)
         return logits, cache

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer import sharding
 from jaxinfer.config import ModelConfig
+from models import quant
 from pallas_kernels import moe as kernels
 
 DISPATCH_MODES = ("auto", "all_to_all", "psum")
@@ -116,14 +117,15 @@ class MoE:
         mesh = jax.sharding.get_abstract_mesh()
         mesh = self.mesh if mesh.empty else mesh
         manual = {a for s in (act, gate_up, down) for a in s if a is not None}
+        w_gate_up, w_down = p["we_gate_up"], p["we_down"]
         return jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(act, P(), gate_up, down),
+            in_specs=(act, P(), _quant_spec(gate_up, w_gate_up), _quant_spec(down, w_down)),
             out_specs=act,
             axis_names=manual,
             check_vma=False,
-        )(h, p["router"], p["we_gate_up"], p["we_down"])
+        )(h, p["router"], w_gate_up, w_down)
 
     def _gmm(self):
         if self.kernel == "xla":
@@ -131,9 +133,21 @@ class MoE:
         return functools.partial(kernels.grouped_matmul, interpret=self.kernel == "interpret")
 
 
+def _quant_spec(spec: P, w):
+    """A quantized weight's in_spec: its values split by `spec`, its scales alike except where they
+    have size 1 (per-channel scales over the inputs)."""
+    if not isinstance(w, quant.QArray):
+        return spec
+    scale = P(*(None if n == 1 else a for a, n in zip(tuple(spec) + (None,) * w.scales.ndim, w.scales.shape)))
+    return quant.QArray(spec, scale)
+
+
 def _experts(xs, group_sizes, w_gate_up, w_down, gmm):
     """Rows xs [M, D] sorted by local expert through those experts' SwiGLU MLPs -> [M, D] (partial
-    sums over the tp shards of the expert hidden size)."""
+    sums over the tp shards of the expert hidden size). Quantized experts are dequantized here, one
+    layer's local experts at a time, inside the step."""
+    if isinstance(w_gate_up, quant.QArray):
+        w_gate_up, w_down = quant.dequantize(w_gate_up, xs.dtype), quant.dequantize(w_down, xs.dtype)
     e, d, _, f = w_gate_up.shape
     gate_up = gmm(xs, w_gate_up.reshape(e, d, 2 * f), group_sizes)  # [M, D] -> [M, 2F]
     act = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]

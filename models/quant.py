@@ -1,12 +1,18 @@
-"""Weight quantization: int8 values with per-output-channel float32 scales, and the one contraction
-that takes a plain or a quantized weight.
+"""Weight quantization (int8, fp8, int4) and the one contraction that takes a plain or a quantized weight.
 
-A quantized weight is one pytree, `QArray(values, scales)`: int8 `values` of the weight's shape and
-float32 `scales` of the same rank whose contracted (input) dimensions have size 1. It is symmetric
-round-to-nearest: scale = max|w| / 127 over the input dimensions (1 for an all-zero channel). Because
-each scale belongs to one output channel it commutes with the contraction, so `einsum` contracts the
-activations with the int8 values (cast to the activations' dtype inside the fused op) and scales the
-output: no full-precision copy of the weight is ever made.
+A quantized weight is one pytree, `QArray(values, scales)`, symmetric round-to-nearest:
+- values: int8 or float8_e4m3fn in the weight's shape; int4 is stored as uint8 holding two values per
+  byte along the last dimension (element 2j in the low nibble, 2j+1 in the high one, two's complement);
+- scales: float32 of the weight's rank. Per output channel (int8, fp8) every input (contracted)
+  dimension has size 1. Grouped (int4; fp8 block-scaled checkpoints) the last input dimension has
+  size n / group, and the other input dimensions keep their full size (a group never spans them).
+  weight = values * scales, each scale repeated over its group.
+
+A per-channel scale belongs to one output channel, so it commutes with the contraction: `einsum`
+contracts the activations with the values (cast to the activations' dtype inside the fused op, or, on
+GPU for fp8, in a native fp8 matmul with the activations quantized per token) and scales the output;
+no full-precision copy of the weight is made. A grouped weight is dequantized inside the jitted step,
+one layer's weight at a time, before its contraction.
 
 A QArray is a registered dataclass, not a NamedTuple, so that code telling a list of per-layer arrays
 from one stacked array (models/llama.py) never mistakes it for a sequence.
@@ -15,65 +21,197 @@ from one stacked array (models/llama.py) never mistakes it for a sequence.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-MODES = ("none", "int8")
-NOT_BUILT = ("fp8", "int4", "auto")  # named in errors: asked for, not built yet
-QMAX = 127
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+GROUPS = (128, 64, 32, 16)  # int4 group sizes, the first that divides the input dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A storage format: its values' dtype (as stored), largest magnitude, and group size (None: one
+    scale per output channel)."""
+
+    name: str
+    dtype: np.dtype
+    qmax: float
+    group: int | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.name == "int4"
+
+    def group_for(self, n: int) -> int | None:
+        """The group along an input dimension of length n (int4: the largest of GROUPS that divides it)."""
+        if self.group is None:
+            return None
+        sizes = [self.group] if self.name != "int4" else [g for g in GROUPS if g <= self.group]
+        for g in sizes:
+            if n % g == 0:
+                return g
+        raise ValueError(f"{self.name}: no group of {sizes} divides the input dimension {n}")
+
+
+FORMATS = {
+    "int8": Format("int8", np.dtype(np.int8), 127.0),
+    "fp8": Format("fp8", FP8, 448.0),
+    "int4": Format("int4", np.dtype(np.uint8), 7.0, group=128),
+}
+MODES = ("none", "auto", *FORMATS)  # "auto": as the checkpoint stores its weights (jaxinfer/qcheckpoint.py)
+NOT_BUILT = ()  # named in errors: asked for, not built yet
+QMAX = 127  # int8's
+
+
+def as_format(fmt) -> Format:
+    return fmt if isinstance(fmt, Format) else FORMATS[fmt]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-    values: jax.Array  # int8, the weight's shape
-    scales: jax.Array  # float32, the weight's rank; input dimensions of size 1
+    values: jax.Array  # int8 / float8_e4m3fn in the weight's shape; uint8 (two int4 per byte) for int4
+    scales: jax.Array  # float32, the weight's rank (see the module docstring)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        """The weight's logical shape (an int4 weight's last dimension unpacked)."""
+        shape = tuple(self.values.shape)
+        return shape[:-1] + (2 * shape[-1],) if self.values.dtype == np.uint8 else shape
 
     @property
     def ndim(self) -> int:
         return len(self.values.shape)
 
 
-def scale_shape(shape: Sequence[int], in_axes: Sequence[int]) -> tuple[int, ...]:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a weight of `shape` keeps its values and scales in a format."""
+
+    values_shape: tuple[int, ...]
+    scale_shape: tuple[int, ...]
+    group: int | None  # inputs per scale; None: per output channel
+
+
+def layout(shape: Sequence[int], in_axes: Sequence[int], fmt) -> Layout:
+    """A group of g inputs covers a suffix of the input dimensions: walking them from the last, a
+    dimension the rest of the group spans whole gets scale size 1, the one it ends in n / rest, and the
+    ones before it keep their full size (wo [heads, head_dim] with head_dim 64 and g 128: scales
+    [heads / 2, 1])."""
+    fmt = as_format(fmt)
+    shape = tuple(shape)
+    inputs = math.prod(shape[i] for i in in_axes)
+    group = fmt.group_for(inputs)
+    sizes = list(scale_shape_per_channel(shape, in_axes))
+    if group is not None:
+        rest = group
+        for i in reversed(in_axes):
+            if rest == 1:
+                sizes[i] = shape[i]
+            elif rest % shape[i] == 0:
+                rest //= shape[i]
+            elif shape[i] % rest == 0:
+                sizes[i], rest = shape[i] // rest, 1
+            else:
+                raise ValueError(f"{fmt.name}: groups of {group} do not tile the input dimensions {shape} {in_axes}")
+    values_shape = shape
+    if fmt.packed:
+        if shape[-1] % 2:
+            raise ValueError(f"int4 packs two values per byte along the last dimension; {shape} has it odd")
+        values_shape = shape[:-1] + (shape[-1] // 2,)
+    return Layout(values_shape, tuple(sizes), group)
+
+
+def scale_shape_per_channel(shape: Sequence[int], in_axes: Sequence[int]) -> tuple[int, ...]:
     return tuple(1 if i in in_axes else n for i, n in enumerate(shape))
+
+
+scale_shape = scale_shape_per_channel  # the int8 layout's name before groups existed
 
 
 def _xp(w):
     return np if isinstance(w, np.ndarray) else jnp
 
 
-def scales_of(w, in_axes: Sequence[int]):
-    """Per-output-channel scales of `w` (numpy in, numpy out; jax otherwise), input dims kept as size 1."""
+def expand(scales, shape: Sequence[int]):
+    """`scales` repeated over their groups to `shape` (size-1 dimensions are left to broadcasting)."""
+    xp = _xp(scales)
+    for i, (s, n) in enumerate(zip(scales.shape, shape)):
+        if s not in (1, n):
+            scales = xp.repeat(scales, n // s, axis=i)
+    return scales
+
+
+def scales_of(w, in_axes: Sequence[int], fmt="int8"):
+    """Scales of `w` in `fmt` (numpy in, numpy out; jax otherwise): max|w| / qmax over each output
+    channel's inputs, or over each group (1 where all are zero)."""
+    fmt = as_format(fmt)
     xp = _xp(w)
-    amax = xp.max(xp.abs(w.astype(xp.float32)), axis=tuple(in_axes), keepdims=True)
+    sizes = layout(w.shape, in_axes, fmt).scale_shape
+    split, reduce = [], []
+    for n, s in zip(w.shape, sizes):  # each dimension as (scale entries, inputs per entry)
+        split += [s, n // s]
+        reduce.append(len(split) - 1)
+    amax = xp.max(xp.abs(w.astype(xp.float32)).reshape(split), axis=tuple(reduce)).reshape(sizes)
     # A multiply by the reciprocal, not a divide: XLA rewrites the divide by a constant that way, and numpy
     # (the loader, on the host) must round exactly as a jitted quantize does.
-    return xp.where(amax > 0, amax * np.float32(1 / QMAX), xp.float32(1)).astype(xp.float32)
+    return xp.where(amax > 0, amax * np.float32(1 / fmt.qmax), xp.float32(1)).astype(xp.float32)
 
 
-def values_of(w, scales):
-    """int8 values of `w` (or of any piece of it) under `scales` broadcast to it."""
+def values_of(w, scales, fmt="int8"):
+    """The stored values of `w` (or of any piece of it) under `scales` (its piece too)."""
+    fmt = as_format(fmt)
     xp = _xp(w)
     # Times the reciprocal, as XLA computes a divide by a broadcast one, so host and device agree bit for bit.
-    inv = (np.float32(1) / scales).astype(xp.float32)
-    return xp.clip(xp.round(w.astype(xp.float32) * inv), -QMAX, QMAX).astype(xp.int8)
+    inv = (np.float32(1) / expand(scales, w.shape)).astype(xp.float32)
+    x = w.astype(xp.float32) * inv
+    if fmt.name == "fp8":
+        return xp.clip(x, -fmt.qmax, fmt.qmax).astype(FP8)
+    q = xp.clip(xp.round(x), -fmt.qmax - (1 if fmt.packed else 0), fmt.qmax).astype(xp.int8)
+    return pack(q) if fmt.packed else q
 
 
-def quantize(w, in_axes: Sequence[int]) -> QArray:
-    """Symmetric per-output-channel int8 quantization; `in_axes` are the contracted dimensions."""
-    scales = scales_of(w, in_axes)
-    return QArray(values_of(w, scales), scales)
+def pack(q):
+    """int8 values in [-8, 7] -> uint8, two per byte along the last dimension."""
+    xp = _xp(q)
+    lo, hi = q[..., 0::2].astype(xp.uint8) & 0xF, q[..., 1::2].astype(xp.uint8) & 0xF
+    return (lo | (hi << 4)).astype(xp.uint8)
+
+
+def unpack(v):
+    """pack's inverse: uint8 [..., n/2] -> int8 [..., n]."""
+    xp = _xp(v)
+    lo, hi = (v & 0xF).astype(xp.int8), (v >> 4).astype(xp.int8)
+    lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8  # sign-extend the nibbles
+    return xp.stack([lo, hi], axis=-1).reshape(*v.shape[:-1], 2 * v.shape[-1])
+
+
+def quantize(w, in_axes: Sequence[int], fmt="int8") -> QArray:
+    """Symmetric quantization of `w` in `fmt`; `in_axes` are the contracted dimensions."""
+    scales = scales_of(w, in_axes, fmt)
+    return QArray(values_of(w, scales, fmt), scales)
+
+
+def int_values(q: QArray):
+    return unpack(q.values) if q.values.dtype == np.uint8 else q.values
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-    return (q.values.astype(jnp.float32) * q.scales).astype(dtype)
+    v = int_values(q)
+    return (v.astype(jnp.float32) * expand(q.scales, v.shape)).astype(dtype)
+
+
+def take(w, ids, dtype):
+    """Rows `ids` of a table (an embedding lookup), plain or quantized (each row dequantized alone)."""
+    if not isinstance(w, QArray):
+        return jnp.take(w, ids, axis=0)
+    rows = QArray(jnp.take(w.values, ids, axis=0), jnp.take(w.scales, ids, axis=0))
+    return dequantize(rows, dtype)
 
 
 def merge_leading(w, n: int):
@@ -83,20 +221,45 @@ def merge_leading(w, n: int):
     return w.reshape(-1, *w.shape[n:])
 
 
+def native_fp8() -> bool:
+    """Whether fp8 weights meet fp8 activations in one native matmul (cuBLASLt on Hopper); elsewhere the
+    fp8 values are cast to the activations' dtype inside the fused contraction (weight-only)."""
+    return jax.default_backend() == "gpu"
+
+
+def _broadcast_to_out(a, dims: str, out: str):
+    """`a` (dimensions named by `dims`; those not in `out` must have size 1) reshaped to broadcast
+    against an array whose dimensions are named by `out`."""
+    keep = [i for i, c in enumerate(dims) if c in out]
+    if any(a.shape[i] != 1 for i, c in enumerate(dims) if c not in out):
+        raise ValueError(f"{dims}->{out}: {a.shape} is not size 1 on the contracted dims")
+    kept = "".join(dims[i] for i in keep)
+    a = a.reshape([a.shape[i] for i in keep])
+    order = sorted(range(len(kept)), key=lambda i: out.index(kept[i]))
+    a = jnp.transpose(a, order)
+    sizes = dict(zip((kept[i] for i in order), a.shape))
+    return a.reshape([sizes.get(c, 1) for c in out])
+
+
 def einsum(spec: str, x: jax.Array, w, **kw) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for a plain weight; for a QArray the contraction with its int8 values
-    (as x.dtype) times the per-output-channel scales broadcast to the output."""
+    """`jnp.einsum(spec, x, w)` for a plain weight. A per-channel QArray: the contraction with its values
+    times the scales broadcast to the output (fp8 on GPU: a native fp8 matmul, the activations quantized
+    per token). A grouped one: dequantized inside the step, then contracted."""
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kw)
-    inputs, out = spec.replace(" ", "").split("->")
-    _, w_dims = inputs.split(",")
     out_dtype = kw.pop("preferred_element_type", None) or x.dtype
+    inputs, out = spec.replace(" ", "").split("->")
+    x_dims, w_dims = inputs.split(",")
+    if w.values.dtype == np.uint8 or any(s != 1 for c, s in zip(w_dims, w.scales.shape) if c not in out):
+        # grouped: a scale covers part of an output channel's inputs, so it cannot scale the output
+        return jnp.einsum(spec, x, dequantize(w, x.dtype), preferred_element_type=out_dtype, **kw)
+    scale = _broadcast_to_out(w.scales, w_dims, out)
+    if w.values.dtype == FP8 and native_fp8():
+        contracted = tuple(i for i, c in enumerate(x_dims) if c not in out)
+        amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=contracted, keepdims=True)
+        sx = jnp.where(amax > 0, amax / FORMATS["fp8"].qmax, 1.0)
+        xq = (x.astype(jnp.float32) / sx).astype(FP8)
+        y = jnp.einsum(spec, xq, w.values, preferred_element_type=jnp.float32, **kw)
+        return (y * _broadcast_to_out(sx, x_dims, out) * scale).astype(out_dtype)
     y = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32, **kw)
-    contracted = [i for i, c in enumerate(w_dims) if c not in out]
-    if any(w.scales.shape[i] != 1 for i in contracted):
-        raise ValueError(f"einsum {spec!r}: scales {w.scales.shape} are not size 1 on the contracted dims {contracted}")
-    kept = [c for c in w_dims if c in out]
-    scales = w.scales.reshape([n for i, n in enumerate(w.scales.shape) if i not in contracted])
-    scales = jnp.transpose(scales, sorted(range(len(kept)), key=lambda i: out.index(kept[i])))
-    scales = scales.reshape([w.scales.shape[w_dims.index(c)] if c in kept else 1 for c in out])
-    return (y * scales).astype(out_dtype)
+    return (y * scale).astype(out_dtype)
