@@ -223,3 +223,171 @@ def compiles() -> int:
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+# --- quantized checkpoints (tests/test_quant_checkpoints.py) ---------------------------------------
+
+# A Llama whose every linear dimension is a multiple of 128, so that fp8 blocks and int4 groups of 128 tile it.
+Q128 = dict(
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=256,
+    initializer_range=0.15,
+    rms_norm_eps=1e-5,
+)
+QUANT_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "int8": "I8",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+}
+
+
+def build_q128(directory: Path, **overrides) -> Path:
+    """A random-weight transformers Llama of Q128's shape (with `overrides`)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**Q128, **overrides}))
+    model.save_pretrained(directory)
+    return directory
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A safetensors file written byte by byte, any numpy dtype of SAFETENSORS_DTYPES (float8 and
+    bfloat16 from ml_dtypes included)."""
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, x in tensors.items():
+        x = np.ascontiguousarray(x)
+        header[name] = dict(
+            dtype=SAFETENSORS_DTYPES[x.dtype.name], shape=list(x.shape), data_offsets=[offset, offset + x.nbytes]
+        )
+        offset += x.nbytes
+        blobs.append(x.tobytes())
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+def load_safetensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def is_quant_linear(name: str) -> bool:
+    return name.endswith(".weight") and name.split(".")[-2] in QUANT_LINEAR
+
+
+def fp8_blocks(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Hugging Face fine-grained fp8: e4m3 values and a float32 scale_inv per block (edge blocks partial)."""
+    from models import quant
+
+    bo, bi = block
+    grid = (-(-w.shape[0] // bo), -(-w.shape[1] // bi))
+    inv = np.zeros(grid, np.float32)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            inv[r, c] = np.abs(w[r * bo : (r + 1) * bo, c * bi : (c + 1) * bi]).max() / np.float32(448)
+    full = np.repeat(np.repeat(inv, bo, 0), bi, 1)[: w.shape[0], : w.shape[1]]
+    return (w / full).astype(quant.FP8), inv
+
+
+def symmetric(w: np.ndarray, kind: str, strategy: str, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """compressed-tensors-style symmetric values (int8 / fp8 / int4 in int8) and float32 scales:
+    channel [out, 1], tensor [1], group [out, in / group]."""
+    from models import quant
+
+    qmax = {"int8": 127, "fp8": 448, "int4": 7}[kind]
+    if strategy == "tensor":
+        scales = np.array([np.abs(w).max() / qmax], np.float32)
+        full = scales.reshape(1, 1)
+    elif strategy == "channel":
+        scales = full = (np.abs(w).max(axis=1, keepdims=True) / qmax).astype(np.float32)
+    else:
+        scales = (np.abs(w).reshape(w.shape[0], -1, group).max(axis=2) / qmax).astype(np.float32)
+        full = np.repeat(scales, group, axis=1)
+    x = w / full
+    if kind == "fp8":
+        return x.astype(quant.FP8), scales
+    lo = -8 if kind == "int4" else -127
+    return np.clip(np.round(x), lo, qmax).astype(np.int8), scales
+
+
+def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
+    """compressed-tensors' pack_to_int32 along the inputs: element i of a row at bit i * bits of the
+    row's int32 words, stored as q + 2^(bits-1)."""
+    u = (q.astype(np.int64) + (1 << (bits - 1))).astype(np.uint64)
+    per = 32 // bits
+    u = u.reshape(q.shape[0], -1, per)
+    words = np.zeros(u.shape[:2], np.uint64)
+    for i in range(per):
+        words |= u[:, :, i] << np.uint64(bits * i)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def write_float_checkpoint(src: Path, dst: Path, replace: dict[str, np.ndarray]) -> Path:
+    """src's config and weights with those in `replace` swapped in, as a plain float32 checkpoint."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = {k: replace.get(k, v).astype(np.float32) for k, v in load_safetensors(src).items()}
+    save_safetensors(dst / "model.safetensors", tensors)
+    return dst
+
+
+def write_quantized_checkpoint(src: Path, dst: Path, quantization_config: dict, tensors: dict) -> Path:
+    """src's config.json with `quantization_config`, and `tensors` (all of them) as model.safetensors."""
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(cfg))
+    save_safetensors(dst / "model.safetensors", tensors)
+    return dst
+
+
+def write_gguf_as(hf_dir: Path, path: Path, qtype: str) -> Path:
+    """A transformers Llama checkpoint as GGUF with every attention and MLP projection in `qtype`
+    (Q8_0, Q4_0, ...), q/k rows permuted as llama.cpp's converter does, everything else F32."""
+    import gguf
+
+    from jaxinfer import checkpoint
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    for hf_name, x in load_safetensors(hf_dir).items():
+        name = checkpoint.gguf_name(hf_name)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = heads if "attn_q" in name else kv
+            x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        if is_quant_linear(hf_name):
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(x.astype(np.float32), t), raw_dtype=t)
+        else:
+            w.add_tensor(name, x.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
