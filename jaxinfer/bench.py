@@ -22,6 +22,7 @@ from jaxinfer.executor import decode_chunks
 from jaxinfer.llm import LLM
 from jaxinfer.runtime import DECODE_CHUNK, buckets
 from jaxinfer.sampling import SamplingParams
+from models import kv_cache, llama
 
 # HBM bandwidth on the data sheet, by the device kind jax reports (bytes/s). An unknown card falls back
 # to the measured peak, which runs below the nameplate and so flatters MBU.
@@ -131,12 +132,8 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
     t0 = time.perf_counter()
     llm.generate(prompts, params)
     e2e = batch * gen_len / (time.perf_counter() - t0)
-    reads = (
-        explain.step_param_bytes(setup, b // llm.mesh.shape["dp"])
-        + 2
-        * int(np.prod(setup.cache_sharding.shard_shape(setup.cache_shape(b, cache_len))))
-        * np.dtype(setup.dtype).itemsize
-    )
+    cache = setup.cache_layout(setup.cache_shape(b, cache_len), llama.CACHE_AXES)  # values and scales
+    reads = explain.step_param_bytes(setup, b // llm.mesh.shape["dp"]) + kv_cache.device_bytes(cache)
     median = statistics.median(tpot)
     moe = {}
     if llm.config.num_experts:

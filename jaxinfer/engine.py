@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxinfer import distributed
 from jaxinfer.errors import JaxinferError
-from jaxinfer.executor import Executor, default_num_pages
+from jaxinfer.executor import Executor, default_num_pages, pool_bytes
 from jaxinfer.outputs import Row, Stops, StreamText
 from jaxinfer.sampling import SamplingParams, seed_key
 from jaxinfer.scheduler import PageAllocator, Request, Scheduler, SchedulerOutput
@@ -58,10 +58,11 @@ class Engine:
         needed = max_num_seqs * -(-llm.max_seq_len // page_size) + 1
         self.num_pages = num_pages or default_num_pages(llm, page_size, memory_fraction, needed)
         log.info(
-            "paged KV cache: %d pages of %d tokens (%.1f MiB per device)",
+            "paged KV cache: %d pages of %d tokens, %s (%.1f MiB per device)",
             self.num_pages,
             page_size,
-            llm.setup.page_bytes(self.num_pages, page_size) / 2**20,
+            llm.setup.kv_cache_dtype,
+            pool_bytes(llm, self.num_pages, page_size) / 2**20,
         )
         self.executor = Executor(llm, self.num_pages, page_size)
         self.scheduler = Scheduler(

@@ -1,5 +1,6 @@
 """The serving engine's executor: runs the compiled steps on the mesh for a scheduler's plan and owns
-the page pool (cache_k/cache_v, donated to every step). Host arrays go in, host numpy comes out.
+the page pool (cache_k/cache_v, donated to every step; each a models.kv_cache.QuantKV of values and
+scales when kv_cache_dtype is fp8 or int8). Host arrays go in, host numpy comes out.
 
 Also `decode_chunks`, the one host loop over `steps.decode` calls that the static path and the
 benchmark share.
@@ -13,7 +14,18 @@ import numpy as np
 from jaxinfer import steps
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import DecodeBatch, PrefillChunk, Scheduler
+from models import kv_cache
 from models.kv_cache import PAGE_AXES, PagedKVCache
+
+
+def pool_layout(llm, num_pages: int, page_size: int) -> tuple:
+    """The abstract page pool (k, v) as llm's kv_cache_dtype stores it, shardings included."""
+    return llm.setup.cache_layout(llm.setup.page_shape(num_pages, page_size), PAGE_AXES)
+
+
+def pool_bytes(llm, num_pages: int, page_size: int) -> int:
+    """Bytes of the k and v pages one device holds, with their scales when quantized."""
+    return kv_cache.device_bytes(pool_layout(llm, num_pages, page_size))
 
 
 def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
@@ -27,8 +39,7 @@ def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
         with open("/proc/meminfo") as f:
             meminfo = dict(line.split(":", 1) for line in f)
         free = int(meminfo["MemAvailable"].split()[0]) * 1024 // max(1, len(jax.local_devices()))
-    shape = llm.setup.page_shape(1, page_size)
-    per_page = 2 * int(np.prod(llm.setup.shard_shape(shape, PAGE_AXES))) * np.dtype(llm.dtype).itemsize
+    per_page = pool_bytes(llm, 1, page_size)  # values and scales: fp8/int8 take 1 byte + 4 per token and head
     return max(2, min(needed, int(fraction * free) // per_page))
 
 
@@ -59,7 +70,7 @@ class Executor:
     def new_cache(self) -> None:
         """A fresh, empty page pool (cache_k stays None when making it fails: the next step retries)."""
         self.cache_k = self.cache_v = None
-        self.cache_k, self.cache_v = self.llm.setup.paged_cache(self.num_pages, self.page_size)
+        self.cache_k, self.cache_v = kv_cache.empty(pool_layout(self.llm, self.num_pages, self.page_size))
 
     def prefill(self, chunk: PrefillChunk) -> None:
         """Writes one prompt chunk's keys/values into its pages."""
@@ -75,11 +86,12 @@ class Executor:
         )
 
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Runs the decode call; returns host tokens and logprobs [S, n_steps]."""
+        """Runs the decode call; returns host tokens and logprobs [S, n_steps] (and sets `batch.top` to
+        the most likely alternatives when the batch asks for them)."""
         put = self.llm.setup.put
         cache = PagedKVCache(self.cache_k, self.cache_v, batch.block_tables, batch.valid)
         sampling = tuple(put(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.keys))
-        toks, logprobs, cache = steps.decode(
+        toks, logprobs, cache, *top = steps.decode(
             self.graphdef,
             self.llm.state,
             cache,
@@ -88,14 +100,18 @@ class Executor:
             sampling,
             n_steps=batch.n_steps,
             greedy_only=batch.greedy_only,
+            # (only when asked: jit keys an explicit default apart from an omitted one, and warmup omits it)
+            **({"top_logprobs": batch.top_logprobs} if batch.top_logprobs else {}),
         )
         self.cache_k, self.cache_v = cache.k, cache.v
+        if top:
+            batch.top = tuple(np.asarray(a) for a in top)
         return np.asarray(toks), np.asarray(logprobs)
 
     def cache_intact(self) -> bool:
         """After a failed call: whether the pool survived it (it was donated; it may hold the error)."""
         try:
-            if self.cache_k.is_deleted() or self.cache_v.is_deleted():
+            if any(a.is_deleted() for a in jax.tree.leaves((self.cache_k, self.cache_v))):
                 return False
             jax.block_until_ready((self.cache_k, self.cache_v))  # raises when they hold the error
             return True

@@ -16,7 +16,7 @@ from flax import nnx
 from jaxinfer import hlo, pipeline, steps
 from jaxinfer.runtime import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
-from models import llama
+from models import kv_cache, llama
 
 EXPERT_PARAMS = ("we_gate_up", "we_down")
 
@@ -63,8 +63,15 @@ def step_param_bytes(setup: Setup, tokens: int) -> float:
 
 
 def abstract_cache(setup: Setup, batch: int, length: int) -> llama.KVCache:
-    x = jax.ShapeDtypeStruct(setup.cache_shape(batch, length), setup.dtype, sharding=setup.cache_sharding)
-    return llama.KVCache(x, x)
+    """The contiguous cache as kv_cache_dtype stores it (values, and scales when quantized)."""
+    return llama.KVCache(*setup.cache_layout(setup.cache_shape(batch, length), llama.CACHE_AXES))
+
+
+def kv_bytes_per_token(kv_bytes: int, rows: int, cache_len: int) -> int:
+    """Cache bytes one token takes on one device (its k and v in the layers and heads the device holds,
+    scales included), from the bytes of a device's `rows` x `cache_len` tokens (an exact split: layers,
+    heads and rows divide evenly over pp, tp and dp)."""
+    return kv_bytes // (rows * cache_len)
 
 
 def step_report(compiled, num_layers: int, dtype) -> dict:
@@ -125,8 +132,9 @@ def explain(
     moe_dispatch: str = "auto",
     attention: str = "auto",
     moe_kernel: str = "auto",
-    quant: str = "none",
+    quant: str = "auto",
     kv_cache_dtype: str = "auto",
+    quantize_head: bool = False,
 ) -> dict:
     setup = prepare(
         model,
@@ -139,35 +147,33 @@ def explain(
         moe_kernel=moe_kernel,
         quant=quant,
         kv_cache_dtype=kv_cache_dtype,
+        quantize_head=quantize_head,
     )
     cfg = setup.config
     b, t, cache_len = buckets(batch, prompt_len, gen_len, setup.mesh.shape["dp"], setup.max_seq_len)
     cache = abstract_cache(setup, b, cache_len)
-    sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), b, b)
-    tokens = setup.put(np.zeros((b, t), np.int32))
-    lengths = setup.put(np.full(b, prompt_len, np.int32))
-    column = setup.put(np.zeros(b, np.int32))
-    prefill = steps.prefill.lower(
-        setup.graphdef, setup.abstract, cache, tokens, lengths, sampling, greedy_only=True
-    ).compile()
-    decode = steps.decode.lower(
-        setup.graphdef, setup.abstract, cache, column, column, sampling, n_steps=1, greedy_only=True
-    ).compile()
+    prefill, decode = compile_steps(setup, cache, b, t, prompt_len)
     param_bytes = per_device_param_bytes(setup)
-    kv_bytes = 2 * _shard_bytes(cache.k)
+    kv_bytes = kv_cache.device_bytes(cache)
+    rows = b // setup.mesh.shape["dp"]  # sequences on one device
     n_dev = setup.mesh.size
     out = {
         "model": model,
         "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "dtype": np.dtype(setup.dtype).name,
         "quant": setup.quant,
+        "kv_cache_dtype": setup.kv_cache_dtype,
         "shapes": {"batch": b, "prompt_len": t, "cache_len": cache_len},
-        "per_device": {"param_bytes": param_bytes, "kv_cache_bytes": kv_bytes},
+        "per_device": {
+            "param_bytes": param_bytes,
+            "kv_cache_bytes": kv_bytes,
+            "kv_cache_bytes_per_token": kv_bytes_per_token(kv_bytes, rows, cache_len),
+            "bytes_left_beside_weights": fits(param_bytes),
+        },
         "total": {"param_bytes": total_param_bytes(setup), "devices": n_dev},
         "kernels": setup.kernel_report(),
         "steps": {},
     }
-    rows = b // setup.mesh.shape["dp"]  # sequences on one device
     for name, compiled, tokens_in, kv_len, reads in (
         ("prefill", prefill, rows * t, t, step_param_bytes(setup, rows * t)),
         ("decode", decode, rows, cache_len, step_param_bytes(setup, rows) + kv_bytes),
@@ -222,6 +228,42 @@ def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:
     return out
 
 
+# Memory per GPU of the cards people serve on (data sheets: H100 SXM 80 GB HBM3, H200 141 GB HBM3e).
+CARDS = {"an 80 GB H100": 80e9, "a 141 GB H200": 141e9}
+
+
+def fits(param_bytes: int) -> dict[str, float]:
+    """Per card: the bytes left beside one device's weights for the KV cache and activations (negative:
+    the weights alone do not fit)."""
+    return {card: size - param_bytes for card, size in CARDS.items()}
+
+
+def _fits_line(param_bytes: int) -> str:
+    parts = []
+    for card, left in fits(param_bytes).items():
+        if left > 0:
+            parts.append(f"fit {card} with {left / 1e9:.1f} GB left for the KV cache and activations")
+        else:
+            parts.append(f"do not fit {card} ({-left / 1e9:.1f} GB over)")
+    return f"weights per device {param_bytes / 1e9:.1f} GB: " + "; ".join(parts)
+
+
+def compile_steps(setup: Setup, cache, b: int, t: int, prompt_len: int):
+    """The static path's prefill (b prompts of t tokens) and one-token decode, compiled against abstract
+    weights: nothing is allocated, so any model compiles on any machine."""
+    sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), b, b)
+    tokens = setup.put(np.zeros((b, t), np.int32))
+    lengths = setup.put(np.full(b, prompt_len, np.int32))
+    column = setup.put(np.zeros(b, np.int32))
+    prefill = steps.prefill.lower(
+        setup.graphdef, setup.abstract, cache, tokens, lengths, sampling, greedy_only=True
+    ).compile()
+    decode = steps.decode.lower(
+        setup.graphdef, setup.abstract, cache, column, column, sampling, n_steps=1, greedy_only=True
+    ).compile()
+    return prefill, decode
+
+
 def format_report(r: dict) -> str:
     gib = 1 << 30
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
@@ -231,8 +273,10 @@ def format_report(r: dict) -> str:
         f"cache {r['shapes']['cache_len']}",
         f"per device: parameters {r['per_device']['param_bytes'] / gib:.3f} GiB "
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "
-        f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB",
+        f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB "
+        f"({_kv_format(r)}, {r['per_device']['kv_cache_bytes_per_token']} bytes per token)",
     ]
+    lines.append(_fits_line(r["per_device"]["param_bytes"]))
     lines += [f"{step}: {impl}" for step, impl in r["kernels"].items()]
     if "moe" in r:
         m = r["moe"]
@@ -268,6 +312,14 @@ def format_report(r: dict) -> str:
                 f"layer ({_size(c['per_layer_bytes'])})"
             )
     return "\n".join(lines)
+
+
+def _kv_format(r: dict) -> str:
+    """How the cache is stored: the activation dtype, or a quantized format with its scales."""
+    kind = r.get("kv_cache_dtype", "auto")
+    if kind == "auto":
+        return f"kv_cache_dtype auto: {r['dtype']}"
+    return f"kv_cache_dtype {kind}: {kind} values + a float32 scale per token and kv head"
 
 
 def _size(n: int) -> str:

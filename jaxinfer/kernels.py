@@ -68,8 +68,9 @@ def choose(name: str, requested: str, probe: Callable[[], None], unsupported: st
     return Choice("pallas", "compiled and ran at this model's sizes")
 
 
-def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16) -> Choice:
-    """Decode attention over the paged cache (prefill and the static path always use XLA)."""
+def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_cache_dtype: str = "auto") -> Choice:
+    """Decode attention over the paged cache (prefill and the static path always use XLA). The probe
+    reads pools stored as the cache will be (8-bit values with their scales when quantized)."""
     from pallas_kernels import paged_attention as pa
 
     hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
@@ -82,6 +83,9 @@ def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16) -> C
     def probe():
         q = jnp.zeros((1, group, hd), dtype)
         pool = jnp.zeros((1, 2, page_size, 1, hd), dtype)
+        if kv_cache_dtype != "auto":
+            stored = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[kv_cache_dtype]
+            pool = (pool.astype(stored), jnp.ones((1, 2, page_size, 1), jnp.float32))
         ones = jnp.ones(1, jnp.int32)
         pa.paged_attention(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0).block_until_ready()
 

@@ -17,7 +17,7 @@ from jaxinfer.executor import decode_chunks
 from jaxinfer.outputs import Completion, Row, Stops, StreamText, is_token
 from jaxinfer.runtime import DECODE_CHUNK, buckets, prepare
 from jaxinfer.sampling import SamplingParams
-from models import llama
+from models import kv_cache, llama
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ class LLM:
     Mixture-of-experts models: experts split over `ep`; moe_dispatch "auto" | "all_to_all" | "psum"
     (see models/moe.py; auto picks per step shape the mode that sends fewer bytes), moe_kernel as
     `attention` for the grouped expert matmul (xla: jax.lax.ragged_dot).
-    quant: "none" or "int8": the attention and dense MLP projections stored as int8 with per-output-
-    channel scales, quantized while loading (models/quant.py); "fp8", "int4" and "auto" are not built yet.
-    kv_cache_dtype: "auto" (the activation dtype); "fp8" and "int8" are not built yet.
+    quant: "auto" (default: a checkpoint stored quantized -- Hugging Face fp8 blocks, compressed-tensors,
+    GGUF Q8_0/Q4_0 -- stays as stored, others load at dtype), "none" (everything at dtype), "int8" / "fp8"
+    (per-output-channel scales), "int4" (groups of 128 inputs, two values per byte): the attention, MLP
+    and expert projections, quantized while loading (models/quant.py); quantize_head=True quantizes
+    the output head (or a tied embedding) too.
+    kv_cache_dtype: "auto" (the activation dtype), "int8" or "fp8": the KV cache (paged and contiguous) stored
+    in 8 bits with a float32 scale per token and kv head, dequantized inside attention (models/kv_cache.py).
     """
 
     def __init__(
@@ -72,8 +76,9 @@ class LLM:
         moe_kernel: str = "auto",
         devices=None,
         compilation_cache: str | None = None,
-        quant: str = "none",
+        quant: str = "auto",
         kv_cache_dtype: str = "auto",
+        quantize_head: bool = False,
     ):
         t0 = time.perf_counter()
         compile_cache.enable(compilation_cache)
@@ -98,6 +103,7 @@ class LLM:
             devices=devices,
             quant=quant,
             kv_cache_dtype=kv_cache_dtype,
+            quantize_head=quantize_head,
         )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
@@ -172,7 +178,9 @@ class LLM:
             )
 
     def _cache(self, batch: int, length: int) -> llama.KVCache:
-        return steps.init_cache(self.setup.cache_shape(batch, length), self.dtype, self.setup.cache_sharding)
+        """An empty contiguous cache stored as kv_cache_dtype says (values, and scales when quantized)."""
+        layout = self.setup.cache_layout(self.setup.cache_shape(batch, length), llama.CACHE_AXES)
+        return llama.KVCache(*kv_cache.empty(layout))
 
     def _put(self, x: np.ndarray) -> jax.Array:
         return self.setup.put(x)
@@ -330,13 +338,7 @@ class LLM:
         batch, t, _ = buckets(1, len(ids), 0, self.mesh.shape["dp"], self.max_seq_len)
         tokens = np.zeros((batch, t), np.int32)
         tokens[0, : len(ids)] = ids
-        logits = steps.score(
-            self.graphdef,
-            self.state,
-            self._put(tokens),
-            cache_shape=self.setup.cache_shape(batch, t),
-            cache_sharding=self.setup.cache_sharding,
-        )
+        logits = steps.score(self.graphdef, self.state, self._put(tokens), self._cache(batch, t))
         return np.asarray(logits[0, : len(ids)], np.float32)
 
 

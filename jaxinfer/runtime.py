@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import checkpoint, distributed, kernels, sharding, steps
+from jaxinfer import checkpoint, distributed, kernels, sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
 from jaxinfer.pipeline import Pipeline
@@ -59,18 +59,16 @@ def ensure_devices(count: int) -> None:
 
 
 def check_quant(mode) -> None:
-    """Weight quantization modes: "none" and "int8" are built; fp8, int4 and auto are not yet."""
-    if mode in quant.MODES:
+    """Weight quantization modes: "none", "auto" (as the checkpoint stores them), "int8", "fp8", "int4"."""
+    if isinstance(mode, str) and mode in quant.MODES:
         return
     why = " is not built yet" if mode in quant.NOT_BUILT else " is not a quantization mode"
-    raise JaxinferError(
-        f"quant={mode!r}{why}; use one of {', '.join(map(repr, quant.MODES))} "
-        f"({', '.join(quant.NOT_BUILT)} are planned, not built yet)"
-    )
+    planned = f" ({', '.join(quant.NOT_BUILT)} are planned, not built yet)" if quant.NOT_BUILT else ""
+    raise JaxinferError(f"quant={mode!r}{why}; use one of {', '.join(map(repr, quant.MODES))}{planned}")
 
 
-KV_CACHE_DTYPES = ("auto",)  # built: "auto" = the activation dtype
-KV_CACHE_PLANNED = ("fp8", "int8")
+KV_CACHE_DTYPES = ("auto", *kv_cache.FORMATS)  # "auto" = the activation dtype; fp8 (e4m3), int8
+KV_CACHE_PLANNED = ()
 
 
 def check_kv_cache_dtype(kind) -> None:
@@ -97,7 +95,7 @@ class Setup:
     moe: MoE | None = None  # how routed layers dispatch tokens to their experts
     attention: kernels.Choice | None = None  # paged decode attention: implementation and why
     moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
-    quant: str = "none"  # weight quantization: "none" or "int8" (models/quant.py)
+    quant: str = "none"  # weights as held: "none", or a format of models/quant.py ("auto" resolved)
     kv_cache_dtype: str = "auto"  # KV-cache storage: "auto" = the activation dtype
 
     def kernel_report(self) -> dict[str, str]:
@@ -161,17 +159,19 @@ class Setup:
         cfg = self.config
         return (cfg.num_layers, num_pages, page_size, self.cache_kv_heads, cfg.head_dim)
 
+    def cache_layout(self, shape: tuple[int, ...], axes, kind: str | None = None) -> tuple:
+        """Abstract k and v of a cache of `shape` with logical `axes` (CACHE_AXES or PAGE_AXES), stored as
+        kv_cache_dtype `kind` (default this setup's): values and, when quantized, their scales, each
+        carrying its sharding (models/kv_cache.py `layout`; `kv_cache.empty` makes them)."""
+        values, scales = (sharding.named(self.mesh, a, self.rules) for a in (axes, kv_cache.scale_axes(axes)))
+        return kv_cache.layout(shape, kind or self.kv_cache_dtype, self.dtype, values, scales)
+
     def shard_shape(self, shape: tuple[int, ...], axes) -> tuple[int, ...]:
         return sharding.named(self.mesh, axes, self.rules).shard_shape(shape)
 
     def page_bytes(self, num_pages: int, page_size: int) -> int:
-        """Bytes of k and v pages on one device."""
-        shard = self.shard_shape(self.page_shape(num_pages, page_size), kv_cache.PAGE_AXES)
-        return 2 * int(np.prod(shard)) * np.dtype(self.dtype).itemsize
-
-    def paged_cache(self, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
-        sh = sharding.named(self.mesh, kv_cache.PAGE_AXES, self.rules)
-        return tuple(steps.init_cache(self.page_shape(num_pages, page_size), self.dtype, sh))
+        """Bytes of k and v pages on one device, scales included."""
+        return kv_cache.device_bytes(self.cache_layout(self.page_shape(num_pages, page_size), kv_cache.PAGE_AXES))
 
     def attention_kernel(self):
         """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA path."""
@@ -251,8 +251,9 @@ def prepare(
     moe_kernel: str = "auto",
     attention: str = "auto",
     devices=None,
-    quant: str = "none",
+    quant: str = "auto",
     kv_cache_dtype: str = "auto",
+    quantize_head: bool = False,
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights."""
     t0 = time.perf_counter()
@@ -274,12 +275,15 @@ def prepare(
     source = checkpoint.resolve(model)
     if source.kind == "shape" and not random_weights:
         raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
-    if quant != "none" and source.kind == "orbax" and not random_weights:
-        raise JaxinferError(
-            f"quant={quant!r} with an orbax checkpoint ({source.path}) is not built yet: quantize while loading the "
-            "Hugging Face or GGUF checkpoint it was converted from, or use quant='none'"
-        )
+    # What the weights are held in: "auto" and the checkpoint's own formats resolved against what it stores.
+    quant = checkpoint.load_mode(None if random_weights else source, quant)
+    source.quant = quant
     cfg = source.config
+    if quantize_head:
+        if quant == "none":
+            raise JaxinferError("quantize_head=True needs a quantized model: pass quant='int8', 'fp8' or 'int4'")
+        # every weight declaration reads the config (models/llama.weights), the loader's included
+        source.config = cfg = dataclasses.replace(cfg, quantize_head=True)
     if max_seq_len is not None and (type(max_seq_len) is not int or not 1 < max_seq_len <= cfg.max_position_embeddings):
         raise JaxinferError(
             f"max_seq_len={max_seq_len!r} must be in [2, {cfg.max_position_embeddings}] "
@@ -300,24 +304,21 @@ def prepare(
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dt = DTYPES[dtype]
+    checkpoint.check_quant_layout(cfg, device_mesh, rules, quant)
     kv_heads = llama.cache_kv_heads(cfg, shape["tp"])
     log.info("opened %s (%s) in %.1fs", source.path, source.kind, time.perf_counter() - t0)
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
     setup.quant = quant
     setup.kv_cache_dtype = kv_cache_dtype
-    setup.attention = kernels.attention(cfg, dt, attention)
+    setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype)
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
         setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)
         log.info("expert matmul: %s", setup.moe_kernel)
         setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, setup.moe_kernel.impl)
     setup.graphdef, abstract = setup.build()
-    shardings = checkpoint.param_shardings(cfg, device_mesh, rules, quant)
+    params = checkpoint.abstract_params(cfg, device_mesh, rules, dt, quant)  # in the checkpoint's own layout
     for path, var in nnx.to_flat_state(abstract):
-        var.set_value(
-            jax.tree.map(
-                lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), var.get_value(), shardings[path[-1]]
-            )
-        )
+        var.set_value(params[path[-1]])
     setup.abstract = abstract
     return setup

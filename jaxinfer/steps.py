@@ -21,13 +21,6 @@ def forward(graphdef, state, tokens, positions, cache, *, kv_len=0, logit_index=
     return model(tokens, positions, cache, kv_len=kv_len, logit_index=logit_index)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
-def init_cache(shape, dtype, sharding) -> KVCache:
-    # One allocation, created sharded (never gathered on one device first).
-    zeros = jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
-    return KVCache(zeros, zeros.copy())
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy_only"), donate_argnames=("cache",))
 def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
     """Right-padded prompts tokens [B, T] with true lengths [B] -> first new token and logprob [B]."""
@@ -38,20 +31,25 @@ def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
     return tok, logprob, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "greedy_only"), donate_argnames=("cache",))
-def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, greedy_only):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "n_steps", "greedy_only", "top_logprobs"), donate_argnames=("cache",)
+)
+def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, greedy_only, top_logprobs=0):
     """`n_steps` decode steps in one program: tokens [B] sit at positions [B]; returns the next
-    n_steps tokens and logprobs [B, n_steps] and the cache."""
+    n_steps tokens and logprobs [B, n_steps] and the cache, and with top_logprobs=k > 0 also each
+    step's k most likely tokens: ids and logprobs [B, n_steps, k]."""
     kv_len = cache.k.shape[3] if isinstance(cache, KVCache) else 0  # the paged cache reads its block tables
 
     def step(carry, _):
         tok, pos, cache = carry
         logits, cache = forward(graphdef, state, tok[:, None], pos[:, None], cache, kv_len=kv_len)
-        new, logprob = sample(logits[:, 0], *sampling, positions=pos + 1, greedy_only=greedy_only)
-        return (new, pos + 1, cache), (new, logprob)
+        out = sample(logits[:, 0], *sampling, positions=pos + 1, greedy_only=greedy_only, top_logprobs=top_logprobs)
+        return (out[0], pos + 1, cache), out
 
-    (_, _, cache), (toks, logprobs) = jax.lax.scan(step, (tokens, positions, cache), length=n_steps)
-    return toks.T, logprobs.T, cache
+    (_, _, cache), outs = jax.lax.scan(step, (tokens, positions, cache), length=n_steps)
+    if not top_logprobs:
+        return outs[0].T, outs[1].T, cache
+    return outs[0].T, outs[1].T, cache, outs[2].transpose(1, 0, 2), outs[3].transpose(1, 0, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
@@ -62,11 +60,10 @@ def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions)
     return cache.k, cache.v
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_shape", "cache_sharding"))
-def score(graphdef, state, tokens, *, cache_shape, cache_sharding):
-    """Full-sequence fp32 logits [B, T, V] for tokens [B, T] (positions from 0)."""
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def score(graphdef, state, tokens, cache):
+    """Full-sequence fp32 logits [B, T, V] for tokens [B, T] (positions from 0) over an empty `cache`."""
     b, t = tokens.shape
-    cache = init_cache(cache_shape, state["params"]["embed"][...].dtype, cache_sharding)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = forward(graphdef, state, tokens, positions, cache, kv_len=t)
     return logits

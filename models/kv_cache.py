@@ -1,68 +1,157 @@
 """KV caches the decoder layers write to and attend over: contiguous (static batches) and paged (the
-serving engine). Both offer `update` (write this step's keys/values for one layer) and `attend`."""
+serving engine). Both offer `update` (write this step's keys/values for one layer) and `attend`.
+
+Each of k and v is stored in the activation dtype, or quantized (kv_cache_dtype "fp8" or "int8") as a
+`QuantKV`: values in float8_e4m3fn or int8 and one float32 scale per token and kv head (symmetric:
+max|x| over head_dim / the format's largest value). Scales are written with their token and applied
+when it is attended; the cache's own dtype says which, so the model code is the same for every format.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# kv_cache_dtype -> (storage dtype, the largest value a scaled element may take)
+FORMATS = {"fp8": (jnp.float8_e4m3fn, 448.0), "int8": (jnp.int8, 127.0)}
+_QMAX = {np.dtype(dtype): qmax for dtype, qmax in FORMATS.values()}
+
+
+class QuantKV(NamedTuple):
+    """A quantized k or v: `values` shaped like the unquantized cache, float32 `scales` of the same
+    shape with head_dim cut to 1. Scales keep the values' rank (rather than dropping head_dim) so that
+    every index, slice, PartitionSpec and shard_map spec written for the values applies to the scales
+    unchanged (the pipeline's P("pp") per cache field, the kernel's shard_map specs over the pools), and
+    values * scales broadcasts. The bytes are the same; GPU and CPU layouts do not pad a trailing 1."""
+
+    values: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+
+def quantized(dtype) -> bool:
+    """Whether a cache stored in `dtype` holds quantized values (and so carries scales)."""
+    return np.dtype(dtype) in _QMAX
+
+
+def quantize(x: jax.Array, dtype) -> QuantKV:
+    """x [..., head_dim] -> values in `dtype` (int8 or float8_e4m3fn) and scales [..., 1]: scale =
+    max|x| / qmax over head_dim (1 where x is all zero), values = x / scale rounded (int8) or cast (fp8)."""
+    qmax = _QMAX[np.dtype(dtype)]
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    # x / scale can land a rounding step past qmax; e4m3fn has no inf, so it would turn NaN.
+    y = jnp.clip(x / scale, -qmax, qmax)
+    if jnp.issubdtype(dtype, jnp.integer):
+        y = jnp.round(y)
+    return QuantKV(y.astype(dtype), scale)
+
+
+def dequantize(c: QuantKV, dtype=jnp.float32) -> jax.Array:
+    return (c.values.astype(jnp.float32) * c.scales).astype(dtype)
+
+
+def _write(c, index: tuple, x, **mode):
+    """c.at[index].set(x) for a plain cache array or a QuantKV (x quantized per token and head)."""
+    if isinstance(c, QuantKV):
+        new = quantize(x, c.dtype)
+        return QuantKV(*(a.at[index].set(n, **mode) for a, n in zip(c, new)))
+    return c.at[index].set(x.astype(c.dtype), **mode)
+
+
+def _operand(c, dtype):
+    """A cache slice [B, K, S, H] as a matmul operand in `dtype`, and the per-key scales [B, K, 1, 1, S]
+    to weigh its columns of the scores or probabilities with (None when not quantized)."""
+    if not isinstance(c, QuantKV):
+        return c, None
+    return c.values.astype(dtype), c.scales[..., 0][:, :, None, None, :]
 
 
 def attention(q, k, v, q_pos, sliding_window):
-    """q [B, T, N, H] against one layer's keys/values [B, K, S, H]; key s is visible to a query at
-    position p when s <= p (and p - s < window)."""
+    """q [B, T, N, H] against one layer's keys/values [B, K, S, H] (arrays or QuantKV); key s is visible
+    to a query at position p when s <= p (and p - s < window). Quantized keys/values are scaled on the
+    scores and probabilities column-wise: the same as attending to values * scales, without making that
+    dequantized copy of the layer."""
     b, t, n, hd = q.shape
+    k, k_scale = _operand(k, q.dtype)
+    v, v_scale = _operand(v, q.dtype)
     kh = k.shape[1]
     q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    if k_scale is not None:
+        scores = scores * k_scale
     key_pos = jnp.arange(k.shape[2])
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if sliding_window:
         visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
 
 
 class KVCache(NamedTuple):
-    """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim]: each head's keys
-    are contiguous, so attention contracts them without a transpose."""
+    """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim] (or a QuantKV with
+    scales [layers, batch, cache_heads, cache_seq, 1]): each head's keys are contiguous, so attention
+    contracts them without a transpose."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | QuantKV
+    v: jax.Array | QuantKV
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
         # [B, T, K, H] into [layer, B, K, S, H] at each row's positions (advanced indices go first)
-        return KVCache(*(c.at[layer, rows, :, q_pos].set(x.astype(c.dtype), mode="drop") for c, x in zip(self, (k, v))))
+        index = (layer, rows, slice(None), q_pos)
+        return KVCache(*(_write(c, index, x, mode="drop") for c, x in zip(self, (k, v))))
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel=None):
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)[:, :, :kv_len] for c in self)
+        k, v = (
+            jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)[:, :, :kv_len], c)
+            for c in self
+        )
         return attention(q, k, v, q_pos, sliding_window)
 
     def rows(self, start, size: int) -> KVCache:
         """The cache of batch rows [start, start + size) (a pipeline micro-batch)."""
-        return KVCache(*(jax.lax.dynamic_slice_in_dim(c, start, size, axis=1) for c in self))
+        return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, axis=1), self)
 
     def put_rows(self, view: KVCache, start) -> KVCache:
-        return KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1) for c, w in zip(self, view)))
+        return jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1), self, view)
 
 
 CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
 PAGE_AXES = ("layers", None, None, "cache_heads", "head_dim")
 
 
-class PagedKVCache(NamedTuple):
-    """Pages k and v each [layers, pages, page_size, cache_heads, head_dim]; row b of `block_tables`
-    [B, pages_per_seq] lists the pages of the sequence in slot b. Tokens whose `valid` [B, T] is False
-    (padding, idle slots) write to page 0, which no sequence owns."""
+def scale_axes(axes: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """The logical axes of a cache's scales: the values' axes, head_dim (kept as a 1) unnamed."""
+    return (*axes[:-1], None)
 
-    k: jax.Array
-    v: jax.Array
+
+class PagedKVCache(NamedTuple):
+    """Pages k and v each [layers, pages, page_size, cache_heads, head_dim] (or a QuantKV with scales
+    [layers, pages, page_size, cache_heads, 1]); row b of `block_tables` [B, pages_per_seq] lists the
+    pages of the sequence in slot b. Tokens whose `valid` [B, T] is False (padding, idle slots) write to
+    page 0, which no sequence owns."""
+
+    k: jax.Array | QuantKV
+    v: jax.Array | QuantKV
     block_tables: jax.Array
     valid: jax.Array
 
@@ -70,19 +159,20 @@ class PagedKVCache(NamedTuple):
         page_size = self.k.shape[2]
         pages = jnp.take_along_axis(self.block_tables, q_pos // page_size, axis=1)  # [B, T]
         pages = jnp.where(self.valid, pages, 0)
-        offsets = q_pos % page_size
-        k_new, v_new = (c.at[layer, pages, offsets].set(x.astype(c.dtype)) for c, x in zip((self.k, self.v), (k, v)))
-        return self._replace(k=k_new, v=v_new)
+        index = (layer, pages, q_pos % page_size)
+        return self._replace(k=_write(self.k, index, k), v=_write(self.v, index, v))
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel: Callable | None = None):
         # Both paths read the whole pool at `layer`: slicing one layer out first would copy it every step.
         if kernel is not None and q.shape[1] == 1 and not sliding_window:
+            # A QuantKV pool reaches the kernel as its (values, scales) pair.
             return kernel(q[:, 0], self.k, self.v, q_pos[:, 0] + 1, self.block_tables, layer)[:, None]
         b = q.shape[0]
-        # Gather each sequence's pages into a contiguous [B, K, S, H] view (the XLA path).
-        k, v = (
-            c[layer, self.block_tables].reshape(b, -1, *c.shape[3:]).transpose(0, 2, 1, 3) for c in (self.k, self.v)
-        )
+
+        def gather(a):  # each sequence's pages as a contiguous [B, K, S, H] view (the XLA path)
+            return a[layer, self.block_tables].reshape(b, -1, *a.shape[3:]).transpose(0, 2, 1, 3)
+
+        k, v = (jax.tree.map(gather, c) for c in (self.k, self.v))
         return attention(q, k, v, q_pos, sliding_window)
 
     def rows(self, start, size: int) -> PagedKVCache:
@@ -92,3 +182,35 @@ class PagedKVCache(NamedTuple):
 
     def put_rows(self, view: PagedKVCache, start) -> PagedKVCache:
         return self._replace(k=view.k, v=view.v)
+
+
+def storage_dtype(kind: str, dtype):
+    """The dtype cache values are stored in for kv_cache_dtype `kind` ("auto": the activation `dtype`)."""
+    return dtype if kind == "auto" else FORMATS[kind][0]
+
+
+def layout(shape: tuple[int, ...], kind: str, dtype, sharding, scale_sharding) -> tuple:
+    """Abstract k and v (ShapeDtypeStructs carrying their shardings) of a cache of `shape` stored as
+    kv_cache_dtype `kind`: arrays in the activation `dtype` for "auto", else QuantKVs whose scales are
+    laid out by `scale_sharding` (the values' logical axes, see `scale_axes`)."""
+    values = jax.ShapeDtypeStruct(shape, storage_dtype(kind, dtype), sharding=sharding)
+    if kind == "auto":
+        return values, values
+    scales = jax.ShapeDtypeStruct((*shape[:-1], 1), jnp.float32, sharding=scale_sharding)
+    return QuantKV(values, scales), QuantKV(values, scales)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
+def _zeros(shape, dtype, sharding):
+    # Created sharded (never gathered on one device first).
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+def empty(spec):
+    """Zeros for every array of an abstract cache from `layout` (a zero scale dequantizes to zero too)."""
+    return jax.tree.map(lambda a: _zeros(a.shape, a.dtype, a.sharding), spec)
+
+
+def device_bytes(spec) -> int:
+    """Bytes one device holds of an abstract cache from `layout`: values and scales."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(spec))

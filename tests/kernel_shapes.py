@@ -20,6 +20,13 @@ ATTENTION_REAL = [
     for batch, context in ((1, 1024), (1, 32768), (16, 8192), (64, 1024), (64, 32768))
 ]
 
+# Quantized KV pools (int8 or float8_e4m3fn values, float32 scales per token and kv head): three of the
+# test shapes (GQA, a group of 3 with head_dim 64, one-token pages), and Llama-3-8B decode in bf16:
+# (name, heads, layers, page, batch, context).
+KV_QUANT_DTYPES = ("int8", "float8_e4m3fn")
+ATTENTION_QUANT_TEST = [ATTENTION_TEST[0], ATTENTION_TEST[3], ATTENTION_TEST[4]]
+ATTENTION_QUANT_REAL = [("llama3-8b", 32, 32, 16, 1, 32768), ("llama3-8b", 32, 32, 16, 64, 8192)]
+
 # Grouped matmul: (id, rows M, K, N, group sizes, (block_m, block_n, block_k) or None for the defaults).
 DECODE_SIZES = [0] * 128  # 128 experts, 9 of them hit by a few decode rows, the rest empty
 for _expert, _rows in zip((3, 4, 17, 40, 41, 77, 90, 126, 127), (2, 1, 4, 3, 1, 2, 5, 1, 3)):

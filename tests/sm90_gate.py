@@ -55,12 +55,24 @@ def cases() -> list[dict]:
         )
     for name, m, k, n, g in shapes.GROUPED_REAL:
         out.append(_grouped(name, m, k, n, g, "bfloat16"))
+    for kv in shapes.KV_QUANT_DTYPES:  # quantized pools with bf16 queries: the matmuls stay on bf16 tensor cores
+        for b, n, kh, hd, ps, pps in shapes.ATTENTION_QUANT_TEST:
+            name = f"test {b}x{n}/{kh}x{hd} page {ps} x{pps} bfloat16 {kv} cache"
+            out.append(_attention(name, b, n, kh, hd, 2, b * pps + 3, ps, pps, "bfloat16", kv))
+        for name, heads, layers, ps, b, ctx in shapes.ATTENTION_QUANT_REAL:
+            pps = ctx // ps
+            name = f"{name} batch {b} context {ctx} page {ps} {kv} cache"
+            out.append(_attention(name, b, heads, 8, 128, layers, b * pps + 1, ps, pps, "bfloat16", kv))
     return out
 
 
-def _attention(name, b, n, kh, hd, layers, pages, ps, pps, dtype) -> dict:
+def _attention(name, b, n, kh, hd, layers, pages, ps, pps, dtype, kv_dtype=None) -> dict:
+    """kv_dtype: the pools' dtype when quantized (then float32 scale pools follow the layer index)."""
     pool = [layers, pages, ps, kh, hd]
-    args = [([b, n, hd], dtype), (pool, dtype), (pool, dtype), ([b], "int32"), ([b, pps], "int32"), ([], "int32")]
+    stored = kv_dtype or dtype
+    args = [([b, n, hd], dtype), (pool, stored), (pool, stored), ([b], "int32"), ([b, pps], "int32"), ([], "int32")]
+    if kv_dtype:
+        args += [(pool[:4], "float32"), (pool[:4], "float32")]
     return {"name": f"paged_attention {name}", "kernel": "paged_attention", "args": args, "dtype": dtype}
 
 

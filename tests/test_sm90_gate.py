@@ -68,10 +68,20 @@ def test_kernel_compiles_for_sm90(gate, name):
     assert all(k["arch"] == "sm_90a" for k in entry["kernels"])
 
 
+# The quantized-cache tests that need only jax and the kernel (no model, no transformers).
+KV_QUANT_KERNEL_TESTS = (
+    "test_kernel_equals_reference_on_quantized_pools",
+    "test_quantized_reference_is_attention_over_the_dequantized_pools",
+    "test_validator_names_quantized_pool_mistakes",
+    "test_round_trip_error_bounds",
+)
+
+
 def test_kernel_interpret_tests_pass_on_jax_0_11(gate_python):
     r = subprocess.run(
         [str(gate_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_attention.py"]
-        + ["tests/test_moe_kernel.py"],
+        + ["tests/test_moe_kernel.py"]
+        + [f"tests/test_kv_quant.py::{t}" for t in KV_QUANT_KERNEL_TESTS],
         cwd=ROOT,
         capture_output=True,
         text=True,
