@@ -31,6 +31,9 @@ Stages (default budget in seconds):
              after a warm-up run of the same shapes, the Pallas attention kernel plugged in): TPOT and MBU =
              (weights read per step, of the embedding table only the rows gathered, + KV bytes read) / TPOT /
              nameplate bandwidth. Target: MBU >= 75% at batch 1.
+  q    (70)  fp8 weights (quant="fp8") on the same shapes: whether the compiled decode multiplies fp8 operands
+             (cuBLASLt's f8 custom call or an fp8 dot fusion), then TPOT and MBU at batch 1 and 64 beside d's
+             bf16 rows. Target: >= 1.6x faster than bf16 at batch 1.
   peer (65)  transformers (torch, bf16, static cache, no torch.compile) on the same shapes: TPOT. Then rows
              comparing d with it (target: our TPOT below transformers').
   e    (105) Qwen3-30B-A3B shapes (61 GB in bf16; fewer layers if the card cannot hold it, said in the row),
@@ -90,6 +93,7 @@ STAGES = (
     Stage("b", 75, 25),
     Stage("c", 55, 20),
     Stage("d", 115, 50),
+    Stage("q", 70, 35),
     Stage("peer", 65, 30),
     Stage("e", 105, 50),
 )
@@ -107,6 +111,7 @@ class Plan:
     gmm_projs: tuple[str, ...]  # the fused gate_up matmul first (the one the targets name), then down
     llama: str
     llama_batches: tuple[int, ...]
+    quant_batches: tuple[int, ...]  # stage q: fp8 weights
     moe: str
     moe_batches: tuple[int, ...]
     prompt: int
@@ -126,6 +131,7 @@ GPU_PLAN = Plan(
     gmm_projs=("gate_up", "down"),
     llama="llama3-8b",
     llama_batches=(1, 16, 64),
+    quant_batches=(1, 64),
     moe="qwen3-30b-a3b",
     moe_batches=(1, 16),
     prompt=128,  # 127 prompt tokens + 96 new + 8 ahead stay within 16 pages: one decode width to compile
@@ -144,6 +150,7 @@ SMOKE_PLAN = Plan(
     gmm_projs=("gate_up",),
     llama="smoke-llama",
     llama_batches=(1, 2),
+    quant_batches=(1,),
     moe="smoke-moe",
     moe_batches=(2,),
     prompt=16,
@@ -750,7 +757,7 @@ def engine_batch(ctx: Ctx, llm, label: str, batch: int, target: tuple[str, float
     )
 
 
-def build_llm(ctx: Ctx, model: str, batches, moe: bool):
+def build_llm(ctx: Ctx, model: str, batches, moe: bool, quant: str = "none"):
     import jaxinfer
 
     plan = ctx.plan
@@ -767,23 +774,28 @@ def build_llm(ctx: Ctx, model: str, batches, moe: bool):
         prefill_chunk=max(batches) * plan.prompt,  # every prompt in the first step: all requests decode together
         attention=kernel,
         unroll_layers={"on": True, "off": False}.get(os.environ.get("GPU_CHECK_UNROLL", "auto")),
+        quant=quant,
         **({"moe_kernel": kernel} if moe else {}),
     )
 
 
-def engine_stage(ctx: Ctx, model: str, label: str, batches, moe: bool, note: str = "", targets=None) -> None:
+def engine_stage(
+    ctx: Ctx, model: str, label: str, batches, moe: bool, note: str = "", targets=None, quant: str = "none"
+) -> None:
     import numpy as np
+
+    from jaxinfer import explain
 
     peaks()  # before the weights: an unknown card's copy measurement needs a few free GB
     t0 = time.time()
-    llm = build_llm(ctx, model, batches, moe)
+    llm = build_llm(ctx, model, batches, moe, quant)
     what, ok = attention_in_use(llm)
     cfg, dtype = llm.config, np.dtype(llm.dtype)
     ctx.row(
         f"{label} attention implementation",
         "pass" if ok else "fail",
-        f"{what}; {cfg.num_layers} layers, {cfg.param_count * dtype.itemsize / 1e9:.1f} GB of "
-        f"{dtype.name} weights made in {time.time() - t0:.0f} s; layers "
+        f"{what}; {cfg.num_layers} layers, {explain.total_param_bytes(llm.setup) / 1e9:.1f} GB of "
+        f"{dtype.name}{'' if quant == 'none' else ', ' + quant} weights made in {time.time() - t0:.0f} s; layers "
         f"{'unrolled' if llm.unroll_layers else 'in lax.scan'}{note}",
         kernel_plugged=ok,
         layers=cfg.num_layers,
@@ -805,6 +817,58 @@ def stage_d(ctx: Ctx) -> None:
         False,
         targets={1: (">= 75%", 0.75)},
     )
+
+
+def fp8_gemms(model: str, dtype: str) -> list[str]:
+    """The custom calls and fusions of the compiled fp8 decode step that multiply fp8 operands."""
+    import re
+
+    from jaxinfer import explain
+    from jaxinfer.runtime import buckets, prepare
+
+    setup = prepare(model, {}, dtype=dtype, random_weights=True, quant="fp8")
+    b, t, cache_len = buckets(1, 16, 16, 1, setup.max_seq_len)
+    _, decode = explain.compile_steps(setup, explain.abstract_cache(setup, b, cache_len), b, t, 16)
+    text = decode.as_text()
+    calls = re.findall(r'custom_call_target="([^"]*f8[^"]*)"', text)
+    calls += re.findall(r"(__cublas\$lt\$matmul\$f8)", text)
+    triton = len(re.findall(r"f8e4m3fn\[[^\]]*\][^\n]*(?:dot|__triton_gemm)", text))
+    return sorted(set(calls)) + ([f"{triton} fp8 dot fusions"] if triton else [])
+
+
+def stage_q(ctx: Ctx) -> None:
+    """fp8 weights on Llama-3-8B shapes: the compiled decode's fp8 GEMMs, then TPOT beside stage d's bf16."""
+    if ctx.smoke:
+        register_smoke_shapes()
+    model = ctx.plan.llama
+    label = "llama3-8b" if not ctx.smoke else "smoke-llama"
+    if not ctx.smoke:
+        found = ctx.guarded("fp8 GEMM in the compiled decode", fp8_gemms, model, ctx.plan.dtype)
+        if found is not None:
+            ctx.row(
+                "fp8 GEMM in the compiled decode",
+                "pass" if found else "fail",
+                ", ".join(found) or "no fp8 custom call or fp8 dot fusion in the decode HLO",
+            )
+    engine_stage(ctx, model, f"{label} fp8", ctx.plan.quant_batches, False, quant="fp8")
+    bf16 = {
+        r["batch"]: r for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])) if r["stage"] == "d" and "tpot_ms" in r
+    }
+    for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])):
+        if r["stage"] != "q" or "tpot_ms" not in r or r["batch"] not in bf16:
+            continue
+        ratio = bf16[r["batch"]]["tpot_ms"] / r["tpot_ms"]
+        target = 1.6 if r["batch"] == 1 else None
+        ctx.row(
+            f"fp8 vs bf16 TPOT batch {r['batch']}",
+            judged(ctx, None if target is None else ratio >= target),
+            f"fp8 {r['tpot_ms']:.2f} ms, bf16 {bf16[r['batch']]['tpot_ms']:.2f} ms: {ratio:.2f}x faster"
+            + (f"; target >= {target}x" if target else "")
+            + ctx.speed_note(),
+            batch=r["batch"],
+            value=ratio,
+            unit="x bf16",
+        )
 
 
 def moe_shape_that_fits(ctx: Ctx) -> tuple[str, str]:
@@ -966,7 +1030,16 @@ def stage_peer(ctx: Ctx) -> None:
             ctx.guarded(name, peer_batch, ctx, model, device, kw, batch, what)
 
 
-RUNNERS = {"env": stage_env, "a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d, "peer": stage_peer, "e": stage_e}
+RUNNERS = {
+    "env": stage_env,
+    "a": stage_a,
+    "b": stage_b,
+    "c": stage_c,
+    "d": stage_d,
+    "peer": stage_peer,
+    "e": stage_e,
+    "q": stage_q,
+}
 
 
 def child_main(stage: str, smoke: bool, until: float) -> None:
