@@ -22,16 +22,20 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "quant",
-    "none",
-    ["none", "int8", "fp8", "int4", "auto"],
-    "Weight quantization: none, or int8 (attention and dense MLP projections, per-output-channel scales). "
-    "fp8, int4 and auto are not built yet (an error says so).",
+    "auto",
+    ["auto", "none", "int8", "fp8", "int4"],
+    "Weights: auto (a checkpoint stored quantized stays so: HF fp8, compressed-tensors, GGUF Q8_0/Q4_0; others "
+    "at --dtype), none (all at --dtype), int8 / fp8 (per output channel), int4 (groups of 128 inputs, two per "
+    "byte): the attention, MLP and expert projections.",
 )
 flags.DEFINE_enum(
     "kv_cache_dtype",
     "auto",
     ["auto", "fp8", "int8"],
-    "KV-cache storage: auto (the activation dtype); fp8 and int8 are not built yet (an error says so).",
+    "KV-cache storage: auto (the activation dtype), int8 or fp8 (a float32 scale per token and kv head).",
+)
+flags.DEFINE_bool(
+    "quantize_head", False, "With --quant: the output head (and a tied embedding) quantized with the same scheme."
 )
 flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's max_position_embeddings).")
 flags.DEFINE_integer("max_num_seqs", None, "Engine: sequences decoded together (default 16).")
@@ -76,6 +80,16 @@ flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead o
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes form the mesh.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (0 prints the results).")
+flags.DEFINE_integer("replicas", 1, "serve: independent engines, each on its own tp*pp*ep*sp*dp devices.")
+flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (0.0.0.0 opens the server to the network).")
+flags.DEFINE_integer("port", 8000, "serve: TCP port.")
+flags.DEFINE_string(
+    "api_key", None, "serve: the key every route but /health needs as 'Bearer KEY' (default $JAXINFER_API_KEY)."
+)
+flags.DEFINE_integer("max_queue", None, "serve: requests that may wait beyond those running; past it 429.")
+flags.DEFINE_string("served_model_name", None, "serve: the model name clients send (default: --model).")
+flags.DEFINE_float("drain_timeout_s", 30.0, "serve: on SIGTERM/SIGINT, how long running requests get to finish.")
+flags.DEFINE_integer("max_body_bytes", 4 * 2**20, "serve: largest request body accepted; larger get 413.")
 
 USAGE = """usage: jaxinfer <command> [--flags]
 
@@ -84,6 +98,7 @@ commands:
   convert    load --model and write it to --output as an orbax checkpoint (loads back onto any mesh)
   explain    compile prefill and decode on the mesh without weights: memory and collectives per device
   bench      measure TTFT, TPOT, tokens/s and memory-bandwidth utilisation for --batch_sizes
+  serve      an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) over --replicas
 
 Logs go to stderr, completions to stdout. Example:
   jaxinfer generate --tp=3 --chat --prompt="What is the capital of France?"
@@ -142,6 +157,7 @@ def _llm(max_num_seqs: int | None = None):
         compilation_cache=FLAGS.compilation_cache,
         quant=FLAGS.quant,
         kv_cache_dtype=FLAGS.kv_cache_dtype,
+        quantize_head=FLAGS.quantize_head,
     )
 
 
@@ -184,16 +200,12 @@ def cmd_convert() -> None:
 
     if not FLAGS.output:
         raise JaxinferError("convert needs --output=DIRECTORY")
-    if FLAGS.quant != "none":
-        raise JaxinferError(
-            f"convert --quant={FLAGS.quant}: writing quantized checkpoints is not built yet; convert with "
-            "--quant=none and pass --quant when loading"
-        )
     llm = _llm()
     from pathlib import Path
 
-    checkpoint.save_orbax(Path(FLAGS.output), llm.config, llm.params, llm.tokenizer)
-    logging.info("wrote orbax checkpoint to %s", FLAGS.output)
+    # --quant=auto keeps a quantized checkpoint's weights as stored; int8/fp8/int4 write that format.
+    checkpoint.save_orbax(Path(FLAGS.output), llm.config, llm.params, llm.tokenizer, llm.setup.quant)
+    logging.info("wrote orbax checkpoint (%s weights) to %s", llm.setup.quant, FLAGS.output)
     print(FLAGS.output)
 
 
@@ -220,6 +232,7 @@ def cmd_explain() -> None:
         moe_kernel=FLAGS.moe_kernel,
         quant=FLAGS.quant,
         kv_cache_dtype=FLAGS.kv_cache_dtype,
+        quantize_head=FLAGS.quantize_head,
     )
     print(json.dumps(report) if FLAGS.json else explain.format_report(report))
 
@@ -235,7 +248,62 @@ def cmd_bench() -> None:
     print(json.dumps(report) if FLAGS.json else bench.format_table(report))
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "explain": cmd_explain, "bench": cmd_bench}
+def cmd_serve() -> None:
+    from jaxinfer.errors import JaxinferError
+    from jaxinfer.serving import app as serving
+
+    _at_least_one("replicas", "max_body_bytes")
+    if FLAGS.max_queue is not None and FLAGS.max_queue < 0:
+        raise JaxinferError(f"--max_queue={FLAGS.max_queue} must be >= 0 (or left out: no bound)")
+    if not 0 < FLAGS.port < 65536:
+        raise JaxinferError(f"--port={FLAGS.port} must be in [1, 65535]")
+    name = FLAGS.served_model_name or FLAGS.model
+    if FLAGS.replicas == 1:
+        from jaxinfer.serving.backend import InProcessBackend
+
+        backend = InProcessBackend(_llm(), model_name=name, max_queue=FLAGS.max_queue)
+    else:
+        from jaxinfer.serving.replicas import ReplicaPool
+
+        model_kwargs = dict(
+            model=FLAGS.model,
+            **_axes(),
+            mesh=FLAGS.mesh,
+            dtype=FLAGS.dtype,
+            max_seq_len=FLAGS.max_seq_len,
+            random_weights=FLAGS.random_weights,
+            moe_dispatch=FLAGS.moe_dispatch,
+            moe_kernel=FLAGS.moe_kernel,
+            attention=FLAGS.attention,
+            max_num_seqs=FLAGS.max_num_seqs,
+            num_pages=FLAGS.num_pages,
+            page_size=FLAGS.page_size,
+            prefill_chunk=FLAGS.prefill_chunk,
+            compilation_cache=FLAGS.compilation_cache,
+            quant=FLAGS.quant,
+            kv_cache_dtype=FLAGS.kv_cache_dtype,
+            quantize_head=FLAGS.quantize_head,
+        )  # what _llm() passes to LLM, for each worker to build its own
+        backend = ReplicaPool(model_kwargs, FLAGS.replicas, max_queue=FLAGS.max_queue)
+        backend.model_name = name
+    serving.serve(
+        backend,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        api_key=FLAGS.api_key,
+        served_model_name=name,
+        max_body_bytes=FLAGS.max_body_bytes,
+        drain_timeout_s=FLAGS.drain_timeout_s,
+    )
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "convert": cmd_convert,
+    "explain": cmd_explain,
+    "bench": cmd_bench,
+    "serve": cmd_serve,
+}
 
 
 def _keep_stdout_for_results() -> None:

@@ -21,6 +21,7 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: str  # "stop" | "length" | "cancelled" ("error" is raised as JaxinferError instead)
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[int, float]] | None = None  # per token, with SamplingParams.top_logprobs
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Row:
     budget: int
     ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # when asked for
     text: str | None = None  # the final text, once done
     finish: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # what went wrong, with finish "error"
@@ -63,9 +65,14 @@ class Stops:
         if self.stop_strings and self.tokenizer is None:
             raise JaxinferError("stop strings need a tokenizer; this checkpoint has none, use stop_token_ids")
 
-    def push(self, row: Row, token: int, logprob: float) -> None:
+    def push(self, row: Row, token: int, logprob: float, alternatives=None) -> None:
+        """Appends one token; `alternatives`: the step's most likely (ids, logprobs), best first."""
         row.ids.append(token)
         row.logprobs.append(logprob)
+        k = self.params.top_logprobs
+        if k and alternatives is not None:
+            ids, lps = alternatives
+            row.top_logprobs.append({int(i): float(lp) for i, lp in zip(ids[:k], lps[:k])})
         if token in self.stop_ids:
             row.finish = "stop"
             return
@@ -110,6 +117,7 @@ class Stops:
             logprobs=list(row.logprobs) if self.params.logprobs else None,
             finish_reason=row.finish,
             prompt_token_ids=row.prompt,
+            top_logprobs=list(row.top_logprobs) if self.params.top_logprobs else None,
         )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from jaxinfer.errors import JaxinferError
 
 MAX_TOP_K = 2**31 - 1  # the sampler holds top_k in int32; the vocabulary bounds it further when a request is added
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for: a decode call computes this many, or none
 
 
 def _is_int(x) -> bool:
@@ -59,9 +60,11 @@ class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
 
     `logprobs=True` returns, per generated token, its log-probability under the model's distribution
-    (before temperature, top-k and top-p). Stop strings are cut from the text; stop token ids and
-    eos ids end generation and are kept in `token_ids` but not in the text. `seed`: any int (the same
-    seed, prompt and parameters give the same tokens); None draws one per request.
+    (before temperature, top-k and top-p); `top_logprobs=k` (with logprobs) also the k most likely
+    tokens at each step and their log-probabilities (at most MAX_TOP_LOGPROBS; the serving engine only).
+    Stop strings are cut from the text; stop token ids and eos ids end generation and are kept in
+    `token_ids` but not in the text. `seed`: any int (the same seed, prompt and parameters give the
+    same tokens); None draws one per request.
 
     Every field is checked when the object is made, and again, against the model's vocabulary, when a
     request is added: a bad value raises JaxinferError naming it, before anything is queued.
@@ -76,6 +79,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -126,6 +130,12 @@ class SamplingParams:
             if not isinstance(value, (bool, np.bool_)):
                 raise JaxinferError(f"{name}={value!r} must be True or False")
             put(name, bool(value))
+        k = self.top_logprobs
+        if not _is_int(k) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise JaxinferError(f"top_logprobs={k!r} must be an integer in [0, {MAX_TOP_LOGPROBS}] (0: none)")
+        if k and not self.logprobs:
+            raise JaxinferError(f"top_logprobs={k} needs logprobs=True")
+        put("top_logprobs", int(k))
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -134,12 +144,13 @@ class SamplingParams:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-def sample(logits, temperature, top_k, top_p, keys, positions, *, greedy_only: bool):
+def sample(logits, temperature, top_k, top_p, keys, positions, *, greedy_only: bool, top_logprobs: int = 0):
     """Picks one token per row of fp32 logits [B, V].
 
     Per-row parameters are arrays [B]; the random stream of a row depends only on its key and its
     position, so results do not depend on batch composition or on how steps are grouped.
-    Returns (tokens [B] int32, logprobs [B] fp32 of the chosen tokens under the raw distribution).
+    Returns (tokens [B] int32, logprobs [B] fp32 of the chosen tokens under the raw distribution), and
+    with top_logprobs=k > 0 also the k most likely tokens (ids [B, k] int32, logprobs [B, k] fp32).
     """
     import jax  # here, not at the top: the host-only layers import this module for SamplingParams
     import jax.numpy as jnp
@@ -163,4 +174,8 @@ def sample(logits, temperature, top_k, top_p, keys, positions, *, greedy_only: b
         choice = jax.vmap(jax.random.categorical)(step_keys, masked)
         sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         tokens = jnp.where(temperature > 0, sampled, greedy)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    if not top_logprobs:
+        return tokens, chosen
+    top_lp, top_ids = jax.lax.top_k(logp, top_logprobs)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp

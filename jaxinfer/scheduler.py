@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxinfer.errors import JaxinferError
 from jaxinfer.outputs import Row, Stops
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class DecodeBatch:
     keys: np.ndarray  # [S, 2] uint32
     block_tables: np.ndarray  # [S, width] int32
     n_steps: int
+    top_logprobs: int = 0  # alternatives per token to compute: MAX_TOP_LOGPROBS when a request wants some
+    top: tuple | None = None  # set by the executor then: host (ids, logprobs) [S, n_steps, top_logprobs]
 
     @property
     def greedy_only(self) -> bool:
@@ -397,7 +399,8 @@ class Scheduler:
             tokens[i], positions[i], temperature[i], top_k[i], top_p[i], keys[i] = row
             valid[i] = True
             tables[i, : len(r.pages)] = r.pages
-        return DecodeBatch(ready, tokens, positions, valid, temperature, top_k, top_p, keys, tables, n)
+        top = MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in ready) else 0  # one more shape, not 20
+        return DecodeBatch(ready, tokens, positions, valid, temperature, top_k, top_p, keys, tables, n, top)
 
     def decode_rows(self, slots_in_use: int) -> int:
         """Rows of a decode call: slots fill lowest first, so a power of two of the slots in use (not all
@@ -410,12 +413,17 @@ class Scheduler:
         stop rules per token; finished requests leave and free their pages. Returns the step's failed,
         then its finished requests."""
         finished = []
+        top = out.decode.top if out.decode is not None else None
         for r in out.decode.reqs if out.decode is not None and tokens is not None else ():
             if r not in self.running:
                 continue
             try:
                 for j in range(out.decode.n_steps):
-                    r.stops.push(r.row, int(tokens[r.slot, j]), float(logprobs[r.slot, j]))
+                    token, logprob = int(tokens[r.slot, j]), float(logprobs[r.slot, j])
+                    if top is None:
+                        r.stops.push(r.row, token, logprob)
+                    else:
+                        r.stops.push(r.row, token, logprob, (top[0][r.slot, j], top[1][r.slot, j]))
                     r.computed += 1
                     if r.row.done:
                         break

@@ -23,6 +23,7 @@ LAYERS = {
     "jaxinfer.hlo": 3,
     "jaxinfer.pipeline": 3,
     "jaxinfer.checkpoint": 4,
+    "jaxinfer.qcheckpoint": 4,  # the quantized checkpoint formats checkpoint reads
     "jaxinfer.steps": 4,
     "jaxinfer.kernels": 4,
     "jaxinfer.outputs": 4,
@@ -33,6 +34,15 @@ LAYERS = {
     "jaxinfer.llm": 7,
     "jaxinfer.explain": 7,
     "jaxinfer.bench": 8,
+    # the OpenAI server: request checking and the backend interface, the router, then the replica
+    # workers (each runs an LLM), then the HTTP app that the CLI starts
+    "jaxinfer.serving": 8,
+    "jaxinfer.serving.protocol": 8,
+    "jaxinfer.serving.backend": 8,
+    "jaxinfer.serving.router": 8,
+    "jaxinfer.serving.metrics": 8,
+    "jaxinfer.serving.replicas": 8,
+    "jaxinfer.serving.app": 8,
     "jaxinfer.cli": 9,
     "jaxinfer.__main__": 10,
     "jaxinfer": 10,
