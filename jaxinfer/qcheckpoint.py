@@ -485,7 +485,8 @@ def gguf_stored(
     qtypes: dict[str, int], raw: Callable[[str], np.ndarray], cols: Callable[[str], int], heads
 ) -> Stored | None:
     """The Q8_0/Q4_0 tensors of a GGUF file among `qtypes` (Hugging Face name -> GGML type of each
-    quantizable weight). "auto" keeps the kind most of them are in; the others are requantized into it.
+    quantizable weight). "auto" keeps Q8_0 or Q4_0 only when every one of them is stored so (else dtype);
+    quant="int8"/"int4" keeps the tensors stored in that kind and requantizes the others into it.
     q and k rows come back in Hugging Face order (`heads`: the heads llama.cpp interleaved, or None)."""
     counts = {kind: sum(GGUF_KEPT.get(t) == kind for t in qtypes.values()) for kind in ("int8", "int4")}
     formats = {kind: with_group(kind, GGUF_BLOCK) for kind, n in counts.items() if n}
@@ -503,8 +504,10 @@ def gguf_stored(
         values = _GGUFValues(blocks, qtypes[name], order, (blocks.shape[0], n))
         return StoredTensor(kind, values, d if order is None else d[order], GGUF_BLOCK, values.shape)
 
-    auto = max(formats, key=lambda k: (counts[k], k == "int8"))
-    return Stored("gguf", formats, auto, tensor)
+    # "auto" keeps a kind only when every projection is stored in it: requantizing the others (Q4_1,
+    # K-quants, F16) into it would round them again, which "auto" never does; a mixed file loads at dtype.
+    whole = [kind for kind, n in counts.items() if n == len(qtypes)]
+    return Stored("gguf", formats, whole[0] if whole else None, tensor)
 
 
 def quantizable_names(cfg) -> list[str]:
