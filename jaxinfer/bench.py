@@ -100,7 +100,16 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
         cache = llm._cache(b, cache_len)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        tok, _, cache = steps.prefill(llm.graphdef, llm.state, cache, tokens_d, lengths, sampling, greedy_only=True)
+        tok, _, cache = steps.prefill(
+            llm.graphdef,
+            llm.state,
+            cache,
+            tokens_d,
+            lengths,
+            sampling,
+            greedy_only=True,
+            **({} if llm.setup.ring is None else {"ring": llm.setup.ring}),
+        )
         tok.block_until_ready()
         ttft = time.perf_counter() - t0
         per_token = []

@@ -256,7 +256,14 @@ def compile_steps(setup: Setup, cache, b: int, t: int, prompt_len: int):
     lengths = setup.put(np.full(b, prompt_len, np.int32))
     column = setup.put(np.zeros(b, np.int32))
     prefill = steps.prefill.lower(
-        setup.graphdef, setup.abstract, cache, tokens, lengths, sampling, greedy_only=True
+        setup.graphdef,
+        setup.abstract,
+        cache,
+        tokens,
+        lengths,
+        sampling,
+        greedy_only=True,
+        **({} if setup.ring is None else {"ring": setup.ring}),
     ).compile()
     decode = steps.decode.lower(
         setup.graphdef, setup.abstract, cache, column, column, sampling, n_steps=1, greedy_only=True

@@ -30,6 +30,9 @@ class LLM:
     from `mesh`, a preset name in meshes/ or a JSON file. On CPU, simulated devices are created for the
     mesh when jax has not started yet; otherwise set XLA_FLAGS=--xla_force_host_platform_device_count=N
     (or `jax.config.update("jax_num_cpu_devices", N)`) before using jax.
+    sp: sequence parallelism for prefill on `generate_static` and `score`: the prompt split over sp devices
+    in zigzag order, ring attention between them (models/ring_attention.py); the K/V is gathered into an
+    unsplit cache after prefill, so decode runs as at sp=1. The serving engine needs sp=1 for now.
     dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
     devices: the devices this model uses, exactly as many as the mesh needs (default: the first ones of
@@ -182,6 +185,11 @@ class LLM:
         layout = self.setup.cache_layout(self.setup.cache_shape(batch, length), llama.CACHE_AXES)
         return llama.KVCache(*kv_cache.empty(layout))
 
+    def _ring(self) -> dict:
+        """The prefill steps' `ring` argument with sp > 1 (none at sp=1: jit keys an explicit default apart)."""
+        ring = self.setup.ring
+        return {} if ring is None else {"ring": ring}
+
     def _put(self, x: np.ndarray) -> jax.Array:
         return self.setup.put(x)
 
@@ -191,6 +199,11 @@ class LLM:
     def engine(self):
         """The serving engine (created on first use), shared by generate, generate_stream and AsyncLLM."""
         if self._engine is None:
+            if self.mesh.shape["sp"] > 1:
+                raise JaxinferError(
+                    f"sp={self.mesh.shape['sp']}: sequence parallelism serves generate_static and score only for "
+                    "now (the serving engine's paged cache is not split over sp yet); use those, or sp=1"
+                )
             from jaxinfer.engine import Engine
 
             self._engine = Engine(self, **self.engine_options)
@@ -304,6 +317,7 @@ class LLM:
             self._put(lengths_b),
             sampling,
             greedy_only=greedy_only,
+            **self._ring(),
         )
         stops = Stops(self.tokenizer, self.eos_token_ids, params)
         rows = [Row(prompt_ids[i], int(budget[i])) for i in range(n)]
@@ -338,7 +352,7 @@ class LLM:
         batch, t, _ = buckets(1, len(ids), 0, self.mesh.shape["dp"], self.max_seq_len)
         tokens = np.zeros((batch, t), np.int32)
         tokens[0, : len(ids)] = ids
-        logits = steps.score(self.graphdef, self.state, self._put(tokens), self._cache(batch, t))
+        logits = steps.score(self.graphdef, self.state, self._put(tokens), self._cache(batch, t), **self._ring())
         return np.asarray(logits[0, : len(ids)], np.float32)
 
 

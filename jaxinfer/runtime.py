@@ -24,6 +24,7 @@ from jaxinfer.pipeline import Pipeline
 from jaxinfer.sampling import SamplingParams, seed_key
 from models import kv_cache, llama, quant
 from models.moe import DISPATCH_MODES, MoE
+from models.ring_attention import Ring
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class Setup:
             "engine decode attention": str(self.attention),
             "prefill and static-path attention": "xla (the Pallas kernel is for paged decode)",
         }
+        if self.mesh.shape["sp"] > 1:
+            out["prefill and static-path attention"] += f"; prefill as ring attention over sp={self.mesh.shape['sp']}"
         if self.moe_kernel is not None:
             out["expert matmul"] = str(self.moe_kernel)
         return out
@@ -216,6 +219,13 @@ class Setup:
         return arrays, params.temperature == 0
 
     @property
+    def ring(self) -> Ring | None:
+        """How prefill splits a prompt over the sp mesh axis (models/ring_attention.py); None when sp=1."""
+        if self.mesh.shape["sp"] == 1:
+            return None
+        return Ring(self.mesh, tuple(sorted(self.rules.items())), np.dtype(self.dtype).name)
+
+    @property
     def cache_sharding(self) -> NamedSharding:
         return sharding.named(self.mesh, llama.CACHE_AXES, self.rules)
 
@@ -299,6 +309,11 @@ def prepare(
             )
     else:
         ensure_devices(need)
+    available = len(devices) if devices is not None else len(jax.devices())
+    if shape["sp"] > 1 and available % shape["sp"]:
+        raise JaxinferError(
+            f"sp={shape['sp']} does not divide the {available} devices; choose sp from the divisors of {available}"
+        )
     device_mesh = sharding.make_mesh(shape, devices)
     rules = sharding.resolve_rules(cfg, device_mesh, overrides)
     if dtype is None:

@@ -156,8 +156,19 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
             f"pp={pp}: this model mixes dense layers {list(cfg.dense_layers)} with routed ones, so its stages "
             "would differ; serve it with pp=1"
         )
-    if mesh.shape["sp"] > 1:
-        raise JaxinferError(f"sp={mesh.shape['sp']}: sequence parallelism is not implemented; set sp=1")
+    sp = mesh.shape["sp"]
+    if sp > 1:
+        if rules["seq"] != "sp":
+            raise JaxinferError(f"sp={sp}: the seq dimension must lie on the sp mesh axis, not {rules['seq']!r}")
+        if pp > 1:
+            raise JaxinferError(
+                f"sp={sp} with pp={pp}: sequence parallelism does not run inside pipeline stages yet; set pp=1 or sp=1"
+            )
+        if cfg.num_experts:
+            raise JaxinferError(
+                f"sp={sp}: {cfg.architecture} routes tokens to experts, and sequence parallelism covers dense "
+                "models only for now; set sp=1"
+            )
     return rules
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxinfer.sampling import sample
 from models.kv_cache import KVCache, PagedKVCache
+from models.ring_attention import Ring, SeqKV
 
 
 def forward(graphdef, state, tokens, positions, cache, *, kv_len=0, logit_index=None):
@@ -21,12 +22,32 @@ def forward(graphdef, state, tokens, positions, cache, *, kv_len=0, logit_index=
     return model(tokens, positions, cache, kv_len=kv_len, logit_index=logit_index)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy_only"), donate_argnames=("cache",))
-def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only):
-    """Right-padded prompts tokens [B, T] with true lengths [B] -> first new token and logprob [B]."""
+def forward_seq(graphdef, state, tokens, positions, cache: KVCache, ring: Ring, *, logit_index=None, write=True):
+    """`forward` of a whole prompt with its tokens split over the `sp` mesh axis (models/ring_attention.py):
+    zigzag layout, ring attention, and the K/V written into the unsplit contiguous `cache` once at the
+    end (when `write`). Returns logits in the prompt's own order ([B, T, V], or [B, 1, V] at
+    `logit_index`) and the cache."""
+    t = tokens.shape[1]
+    tokens, positions, _, inverse = ring.layout(tokens, positions)
+    kv = SeqKV.empty(ring, cache, tokens.shape[1])
+    if logit_index is not None:
+        logit_index = jnp.asarray(inverse, jnp.int32)[logit_index]
+    logits, kv = forward(graphdef, state, tokens, positions, kv, logit_index=logit_index)
+    if logit_index is None:
+        logits = logits[:, inverse[:t]]
+    return logits, (kv.write(cache, positions) if write else cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy_only", "ring"), donate_argnames=("cache",))
+def prefill(graphdef, state, cache, tokens, lengths, sampling, *, greedy_only, ring: Ring | None = None):
+    """Right-padded prompts tokens [B, T] with true lengths [B] -> first new token and logprob [B]. With
+    a `ring`, the prompt is split over the sp mesh axis (`forward_seq`)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, cache = forward(graphdef, state, tokens, positions, cache, kv_len=t, logit_index=lengths - 1)
+    if ring is None:
+        logits, cache = forward(graphdef, state, tokens, positions, cache, kv_len=t, logit_index=lengths - 1)
+    else:
+        logits, cache = forward_seq(graphdef, state, tokens, positions, cache, ring, logit_index=lengths - 1)
     tok, logprob = sample(logits[:, 0], *sampling, positions=lengths, greedy_only=greedy_only)
     return tok, logprob, cache
 
@@ -60,10 +81,13 @@ def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions)
     return cache.k, cache.v
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def score(graphdef, state, tokens, cache):
-    """Full-sequence fp32 logits [B, T, V] for tokens [B, T] (positions from 0) over an empty `cache`."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "ring"))
+def score(graphdef, state, tokens, cache, ring: Ring | None = None):
+    """Full-sequence fp32 logits [B, T, V] for tokens [B, T] (positions from 0) over an empty `cache`;
+    with a `ring`, split over the sp mesh axis."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if ring is not None:
+        return forward_seq(graphdef, state, tokens, positions, cache, ring, write=False)[0]
     logits, _ = forward(graphdef, state, tokens, positions, cache, kv_len=t)
     return logits

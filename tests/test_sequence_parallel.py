@@ -1,0 +1,109 @@
+"""Sequence parallelism for prefill (models/ring_attention.py): the prompt split over `sp` in zigzag order,
+ring attention, and logits and greedy tokens equal to one device's."""
+
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import JaxinferError, hlo, steps
+from models.ring_attention import zigzag_order
+from tests.tiny import rel_err
+
+MAX_SEQ = 256  # the tiny checkpoints' max_position_embeddings
+PROMPT = np.random.default_rng(0).integers(0, 256, 200).tolist()
+
+
+@pytest.fixture(scope="module")
+def llama3(tiny_dir):
+    return str(tiny_dir("llama3"))
+
+
+@pytest.fixture(scope="module")
+def one_device(llama3):
+    return jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ)
+
+
+def test_zigzag_order_gives_rank_i_chunks_i_and_mirror():
+    order = zigzag_order(16, 2)  # 4 chunks of 4: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    assert order.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(zigzag_order(24, 4).tolist()) == list(range(24))
+
+
+@pytest.mark.parametrize("axes", [dict(sp=2), dict(sp=4), dict(sp=2, tp=2)], ids=["sp2", "sp4", "sp2xtp2"])
+def test_score_matches_one_device(llama3, one_device, axes):
+    ref = one_device.score(PROMPT)
+    got = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, **axes).score(PROMPT)
+    assert got.shape == ref.shape == (len(PROMPT), 256)
+    assert rel_err(got, ref) < 1e-4
+
+
+def test_score_pads_a_length_not_a_multiple_of_2sp_and_short_prompts(llama3, one_device):
+    # max_seq_len 250 makes the prompt bucket 250 tokens, not a multiple of 2·sp = 8: padded to 256.
+    llm = jaxinfer.LLM(llama3, max_seq_len=250, sp=4)
+    prompt = PROMPT[:203]
+    assert rel_err(llm.score(prompt), one_device.score(prompt)) < 1e-4
+    short = PROMPT[:5]  # fewer tokens than 2·sp
+    assert rel_err(llm.score(short), one_device.score(short)) < 1e-4
+
+
+def test_score_with_an_int8_kv_cache_matches_one_device(llama3):
+    ref = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, kv_cache_dtype="int8").score(PROMPT)
+    got = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, kv_cache_dtype="int8", sp=2).score(PROMPT)
+    # Not 1e-4: keys computed on another split differ in the last bit, which can move an int8 value
+    # across a rounding boundary (one step is 1/127 of that token's largest element).
+    assert rel_err(got, ref) < 2e-3
+
+
+@pytest.mark.parametrize("axes", [dict(sp=2), dict(sp=2, tp=2)], ids=["sp2", "sp2xtp2"])
+def test_greedy_generate_static_matches_one_device(llama3, one_device, axes):
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    prompts = [PROMPT[:150], PROMPT[50:187]]  # two rows of different lengths
+    ref = one_device.generate_static(prompts, params)
+    got = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, **axes).generate_static(prompts, params)
+    for r, g in zip(ref, got):
+        assert len(g.token_ids) == 16
+        assert g.token_ids == r.token_ids
+        np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_hlo_passes_kv_around_the_ring_and_gathers_it_only_after_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=4, unroll_layers=False)
+    cfg = llm.config
+    b, t = 1, MAX_SEQ
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), b, b)
+    text = (
+        steps.prefill.lower(
+            llm.graphdef,
+            llm.state,
+            llm._cache(b, t),
+            llm._put(np.zeros((b, t), np.int32)),
+            llm._put(np.full(b, 200, np.int32)),
+            sampling,
+            greedy_only=True,
+            ring=llm.setup.ring,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = b * (t // 4) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of one layer, fp32
+    # sp - 1 = 3 ring steps pass k and v each
+    assert sorted(c.kind for c in in_layer) == ["collective-permute"] * 6
+    assert all(c.bytes == block for c in in_layer)
+    # The K/V of all layers is gathered once for the unsplit cache, after the layers: k and v.
+    whole = [c for c in ops if c.kind == "all-gather" and c.bytes >= block]
+    assert len(whole) == 2 and all(c.bytes == cfg.num_layers * 4 * block for c in whole)
+
+
+def test_sp_errors(llama3, tiny_dir):
+    llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=2)
+    with pytest.raises(JaxinferError, match="generate_static and score only"):
+        llm.generate([PROMPT[:10]], jaxinfer.SamplingParams(max_tokens=2))
+    with pytest.raises(JaxinferError, match="sp=3 does not divide the 8 devices"):
+        jaxinfer.LLM(llama3, sp=3)
+    with pytest.raises(JaxinferError, match="sp=2 with pp=3"):
+        jaxinfer.LLM(llama3, sp=2, pp=3)
+    with pytest.raises(JaxinferError, match="dense models only"):
+        jaxinfer.LLM(str(tiny_dir("mixtral")), sp=2)
