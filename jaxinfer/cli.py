@@ -137,11 +137,10 @@ def _at_least_one(*names: str) -> None:
             raise JaxinferError(f"--{name}={value} must be an integer >= 1")
 
 
-def _llm(max_num_seqs: int | None = None):
-    from jaxinfer.llm import LLM
-
-    return LLM(
-        FLAGS.model,
+def _llm_kwargs(max_num_seqs: int | None = None) -> dict:
+    """LLM(...)'s arguments from the shared flags (a replica worker builds its own LLM from them)."""
+    return dict(
+        model=FLAGS.model,
         **_axes(),
         mesh=FLAGS.mesh,
         dtype=FLAGS.dtype,
@@ -159,6 +158,12 @@ def _llm(max_num_seqs: int | None = None):
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         quantize_head=FLAGS.quantize_head,
     )
+
+
+def _llm(max_num_seqs: int | None = None):
+    from jaxinfer.llm import LLM
+
+    return LLM(**_llm_kwargs(max_num_seqs))
 
 
 def cmd_generate() -> None:
@@ -265,26 +270,7 @@ def cmd_serve() -> None:
     else:
         from jaxinfer.serving.replicas import ReplicaPool
 
-        model_kwargs = dict(
-            model=FLAGS.model,
-            **_axes(),
-            mesh=FLAGS.mesh,
-            dtype=FLAGS.dtype,
-            max_seq_len=FLAGS.max_seq_len,
-            random_weights=FLAGS.random_weights,
-            moe_dispatch=FLAGS.moe_dispatch,
-            moe_kernel=FLAGS.moe_kernel,
-            attention=FLAGS.attention,
-            max_num_seqs=FLAGS.max_num_seqs,
-            num_pages=FLAGS.num_pages,
-            page_size=FLAGS.page_size,
-            prefill_chunk=FLAGS.prefill_chunk,
-            compilation_cache=FLAGS.compilation_cache,
-            quant=FLAGS.quant,
-            kv_cache_dtype=FLAGS.kv_cache_dtype,
-            quantize_head=FLAGS.quantize_head,
-        )  # what _llm() passes to LLM, for each worker to build its own
-        backend = ReplicaPool(model_kwargs, FLAGS.replicas, max_queue=FLAGS.max_queue)
+        backend = ReplicaPool(_llm_kwargs(), FLAGS.replicas, max_queue=FLAGS.max_queue)
         backend.model_name = name
     serving.serve(
         backend,
