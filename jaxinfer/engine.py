@@ -71,6 +71,8 @@ class Engine:
         self.lock = threading.RLock()  # held by whoever drives the engine: add, cancel, step
         self._cancels: collections.deque[Request] = collections.deque()  # from cancel_soon
         self._stepping: int | None = None  # the thread inside step()
+        self.prompt_tokens = 0  # of every request queued: the prefix cache's hit rate is out of these
+        self._reused_before = 0  # prefix pages reused by page allocators a lost cache replaced
 
     # What the scheduler and the executor own, read through the engine.
     waiting = property(lambda self: self.scheduler.waiting)
@@ -111,6 +113,7 @@ class Engine:
                     continue
                 req.key = _key(req.params.seed)
                 self.scheduler.add(req)
+                self.prompt_tokens += len(req.prompt)
 
     def add(self, prompt: list[int], params: SamplingParams) -> Request:
         return self.add_all([(prompt, params)])[0]
@@ -144,6 +147,22 @@ class Engine:
     def free_pages(self) -> int:
         return self.scheduler.free_pages()
 
+    def stats(self) -> dict:
+        """What a server reports of this engine (read without the lock: a snapshot). The prefix-cache hit
+        rate is prompt tokens found cached (reused pages x page size) over prompt tokens queued; a request
+        preempted and readmitted counts its reused pages again, so it is an estimate."""
+        total = self.num_pages - 1  # page 0 is the null page
+        hits = (self._reused_before + self.pages.hits) * self.page_size
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_pages_used": total - self.free_pages(),  # held by requests (cached, unused pages are free)
+            "kv_pages_total": total,
+            "page_size": self.page_size,
+            "max_num_seqs": self.slots,
+            "prefix_cache_hit_rate": min(1.0, hits / self.prompt_tokens) if self.prompt_tokens else 0.0,
+        }
+
     # --- steps -----------------------------------------------------------------------------------
 
     def _compiled_step_failed(self) -> bool:
@@ -153,7 +172,8 @@ class Engine:
         if self.executor.cache_intact():
             return True
         log.warning("the KV cache was lost with the failed step; %d running requests restart", len(self.running))
-        self.scheduler.cache_lost()  # the cached prefixes went with the pages
+        self._reused_before += self.pages.hits
+        self.scheduler.cache_lost()  # the cached prefixes went with the pages (and a new allocator counts)
         self.executor.new_cache()
         return False
 

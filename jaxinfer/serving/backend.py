@@ -106,7 +106,6 @@ class InProcessBackend:
         self._idle.set()
         self._admitting = True
         self._closed = False
-        self._prompt_tokens = 0  # of every request queued: the prefix cache's hit rate is out of these
 
     async def start(self) -> None:
         from jaxinfer.engine import AsyncLLM
@@ -133,7 +132,6 @@ class InProcessBackend:
             self._release()
             raise
         self._open[req.request_id] = r
-        self._prompt_tokens += len(r.prompt)
         sent = 0
         try:
             async with contextlib.aclosing(self._async.stream(r)) as chunks:
@@ -176,22 +174,10 @@ class InProcessBackend:
                     outstanding_tokens=0,
                 )
             ]
-        total = engine.num_pages - 1  # (page 0 is the null page)
         outstanding = 0
         for r in list(self._open.values()):  # read without the engine's lock: a snapshot, good enough
             outstanding += max(0, len(r.prompt) - r.computed) + max(0, r.row.budget - len(r.row.ids))
-        cached = engine.pages.hits * engine.page_size
-        return [
-            dict(
-                id=0,
-                running=len(engine.running),
-                waiting=len(engine.waiting),
-                kv_pages_used=total - engine.free_pages(),
-                kv_pages_total=total,
-                prefix_cache_hit_rate=min(1.0, cached / self._prompt_tokens) if self._prompt_tokens else 0.0,
-                outstanding_tokens=outstanding,
-            )
-        ]
+        return [dict(id=0, **engine.stats(), outstanding_tokens=outstanding)]
 
     async def drain(self, timeout_s: float) -> None:
         self._admitting = False

@@ -169,9 +169,6 @@ class _Worker:
         self.engine = llm.engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.open: dict[str, _Open] = {}
-        self.prompt_tokens = 0  # submitted, for the prefix-cache hit rate
-        self._hits_before = 0  # prefix pages reused by page allocators that were replaced (cache lost)
-        self._allocator = self.engine.scheduler.pages
 
     def _read(self) -> None:
         while True:
@@ -227,7 +224,6 @@ class _Worker:
                 self.conn.send(("refused", rid, error))
                 return
             self.open[rid] = _Open(req, StreamText(req))
-            self.prompt_tokens += len(req.prompt)
         elif kind == "cancel":
             o = self.open.pop(msg[1], None)
             if o is not None:
@@ -257,26 +253,8 @@ class _Worker:
                 del self.open[rid]
 
     def stats(self) -> dict:
-        """What the heartbeat reports. The engine exposes running and waiting requests, free pages and
-        the count of prefix pages reused; the hit rate is computed here from the last: prompt tokens
-        found in the prefix cache (reused pages x page size) over prompt tokens submitted (a request
-        preempted and readmitted counts its reused pages again, so this is an estimate)."""
-        engine = self.engine
-        pages = engine.scheduler.pages
-        if pages is not self._allocator:  # the cache was lost and a new allocator counts from 0
-            self._hits_before += self._allocator.hits
-            self._allocator = pages
-        total = engine.num_pages - 1  # page 0 is the null page
-        hit_tokens = (self._hits_before + pages.hits) * engine.page_size
-        return {
-            "running": len(engine.running),
-            "waiting": len(engine.waiting),
-            "kv_pages_used": total - engine.free_pages(),  # held by requests (cached, unused pages are free)
-            "kv_pages_total": total,
-            "page_size": engine.page_size,
-            "max_num_seqs": engine.slots,
-            "prefix_cache_hit_rate": min(1.0, hit_tokens / self.prompt_tokens) if self.prompt_tokens else 0.0,
-        }
+        """What the heartbeat reports: the engine's own figures (Engine.stats)."""
+        return self.engine.stats()
 
 
 # --- the server side -----------------------------------------------------------------------------
