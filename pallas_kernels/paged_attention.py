@@ -19,11 +19,12 @@ kv head, [layers, num_pages, page_size, kv_heads] (or with a trailing 1, as mode
 them): passed as k_scales/v_scales, or each pool as a (values, scales) pair. The kernel loads a tile's
 values and its T scales, runs the matmuls in q's dtype (int8 and e4m3 values are exact in bf16), and
 scales the scores' columns by the key scales and the probabilities' columns by the value scales: the
-same as attending to values * scales, at [G, T] multiplies instead of [T, H]. Measured on an H200
-(bf16 q, Llama-3-8B heads, page 16, this module's benchmark): int8 and fp8 pools take about as long as
-bf16 ones (batch 1 x 32k tokens: 186 / 237 vs 171 us; batch 64 x 8k: 767 / 925 vs 690 us; no
-block_tokens / warps / stages setting changed that), so the loop is bound by its per-token gathers rather
-than by bytes: what quantizing buys today is twice the tokens per GiB of cache, not a faster step.
+same as attending to values * scales, at [G, T] multiplies instead of [T, H]. Their speed is not known
+yet: a first timing on an H200 (this module's benchmark, bf16 q, Llama-3-8B heads, page 16: batch 1 x
+32k int8 186 / fp8 237 vs bf16 171 us) called the kernel eagerly, so each figure includes the dispatch of
+the small ops around the pallas_call (benchmarks/gpu_check.py times the same bf16 shape jitted at 49 us);
+the benchmark now jits it. The quantized cases use 168-255 registers against 123-128 for bf16 (sm_90
+gate), the place to look if they prove slower.
 
     python -m pallas_kernels.paged_attention   # micro-benchmark: achieved GB/s against the roofline
 """
@@ -318,7 +319,8 @@ def _bench() -> None:
             moved = 2 * batch * ctx * kv_heads * per_token
             rates = []
             for name, fn in (
-                ("kernel", functools.partial(paged_attention, interpret=interpret)),
+                # jitted, as the engine runs it: eagerly, each small op around the pallas_call dispatches alone
+                ("kernel", jax.jit(functools.partial(paged_attention, interpret=interpret))),
                 ("xla", jax.jit(reference)),
             ):
                 fn(q, *kv_pools, lengths, tables, 0).block_until_ready()
