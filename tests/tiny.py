@@ -167,13 +167,19 @@ GGUF_TYPES = {
 def write_gguf(hf_dir: Path, path: Path) -> Path:
     """Writes a transformers Llama checkpoint as GGUF the way llama.cpp's converter does (q/k rows
     permuted for interleaved rotary), quantizing each kind of weight to a different type."""
+    return _write_gguf(
+        hf_dir, path, lambda hf, name, x: GGUF_TYPES.get(name.split(".")[-2], "F32") if x.ndim == 2 else "F32"
+    )
+
+
+def _write_gguf(hf_dir: Path, path: Path, qtype_of) -> Path:
+    """The checkpoint in `hf_dir` as a llama GGUF file, each tensor in the GGML type
+    qtype_of(hf_name, gguf_name, array) names (q/k rows permuted as llama.cpp's converter does)."""
     import gguf
-    from safetensors.numpy import load_file
 
     from jaxinfer import checkpoint
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    tensors = load_file(str(hf_dir / "model.safetensors"))
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg["num_hidden_layers"])
@@ -186,18 +192,12 @@ def write_gguf(hf_dir: Path, path: Path) -> Path:
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(cfg["head_dim"])
-
-    def permute(x, n):
-        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-    for hf_name, x in tensors.items():
+    for hf_name, x in load_safetensors(hf_dir).items():
         name = checkpoint.gguf_name(hf_name)
-        if name.endswith("attn_q.weight"):
-            x = permute(x, heads)
-        elif name.endswith("attn_k.weight"):
-            x = permute(x, kv)
-        base = name.split(".")[-2]
-        qtype = gguf.GGMLQuantizationType[GGUF_TYPES.get(base, "F32") if x.ndim == 2 else "F32"]
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = heads if "attn_q" in name else kv
+            x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        qtype = gguf.GGMLQuantizationType[qtype_of(hf_name, name, x)]
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(name, x.astype(np.float32 if qtype.name == "F32" else np.float16))
         else:
@@ -359,35 +359,4 @@ def write_quantized_checkpoint(src: Path, dst: Path, quantization_config: dict, 
 def write_gguf_as(hf_dir: Path, path: Path, qtype: str) -> Path:
     """A transformers Llama checkpoint as GGUF with every attention and MLP projection in `qtype`
     (Q8_0, Q4_0, ...), q/k rows permuted as llama.cpp's converter does, everything else F32."""
-    import gguf
-
-    from jaxinfer import checkpoint
-
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(cfg["head_dim"])
-    for hf_name, x in load_safetensors(hf_dir).items():
-        name = checkpoint.gguf_name(hf_name)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            n = heads if "attn_q" in name else kv
-            x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-        if is_quant_linear(hf_name):
-            t = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(name, gguf.quants.quantize(x.astype(np.float32), t), raw_dtype=t)
-        else:
-            w.add_tensor(name, x.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _write_gguf(hf_dir, path, lambda hf, name, x: qtype if is_quant_linear(hf) else "F32")
