@@ -68,14 +68,23 @@ def choose(name: str, requested: str, probe: Callable[[], None], unsupported: st
     return Choice("pallas", "compiled and ran at this model's sizes")
 
 
-def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_cache_dtype: str = "auto") -> Choice:
+def attention(
+    cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_cache_dtype: str = "auto", sp: int = 1
+) -> Choice:
     """Decode attention over the paged cache (prefill and the static path always use XLA). The probe
-    reads pools stored as the cache will be (8-bit values with their scales when quantized)."""
+    reads pools stored as the cache will be (8-bit values with their scales when quantized). With sp > 1
+    the pool is split over sp and each rank attends over its own pages on the XLA path
+    (models/ring_attention.Ring.paged_attend): the kernel reads a whole pool and has no per-rank mask."""
     from pallas_kernels import paged_attention as pa
 
     hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
     unsupported = None
-    if cfg.sliding_window:
+    if sp > 1:
+        unsupported = (
+            f"sp={sp} splits the page pool over devices; each attends over its own pages on the XLA path and "
+            "the partials merge across sp (the kernel reads a whole pool)"
+        )
+    elif cfg.sliding_window:
         unsupported = f"the kernel has no sliding window (this model's is {cfg.sliding_window} tokens)"
     elif requested != "interpret" and (hd < pa.MIN_ROWS or hd & (hd - 1)):
         unsupported = f"head_dim {hd} is not a power of two >= {pa.MIN_ROWS}, as the compiled kernel needs"

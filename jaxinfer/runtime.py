@@ -107,6 +107,7 @@ class Setup:
         }
         if self.mesh.shape["sp"] > 1:
             out["prefill and static-path attention"] += f"; prefill as ring attention over sp={self.mesh.shape['sp']}"
+            out["engine prefill-chunk attention"] = "xla, each sp rank over its own pages, partials merged across sp"
         if self.moe_kernel is not None:
             out["expert matmul"] = str(self.moe_kernel)
         return out
@@ -325,7 +326,7 @@ def prepare(
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
     setup.quant = quant
     setup.kv_cache_dtype = kv_cache_dtype
-    setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype)
+    setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype, sp=shape["sp"])
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
         setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)

@@ -73,10 +73,11 @@ def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, gree
     return outs[0].T, outs[1].T, cache, outs[2].transpose(1, 0, 2), outs[3].transpose(1, 0, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
-def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions):
-    """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v."""
-    cache = PagedKVCache(k, v, block_tables, valid)
+@functools.partial(jax.jit, static_argnames=("graphdef", "split"), donate_argnames=("k", "v"))
+def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions, split: Ring | None = None):
+    """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v; with
+    a `split` (sp > 1) the pages are split over sp (models/kv_cache.PagedKVCache)."""
+    cache = PagedKVCache(k, v, block_tables, valid, split)
     _, cache = forward(graphdef, state, tokens, positions, cache, logit_index=jnp.zeros(tokens.shape[:1], jnp.int32))
     return cache.k, cache.v
 

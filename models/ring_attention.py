@@ -129,6 +129,76 @@ class Ring:
             q, k, v, q_pos
         )
 
+    # --- the paged cache split over sp (the serving engine) -----------------------------------------
+
+    def _batch(self, b: int) -> str | None:
+        """"batch" when b rows split over its mesh axis, else None (a prefill chunk is one row)."""
+        axis = dict(self.rules)["batch"]
+        return "batch" if axis is None or b % self.mesh.shape[axis] == 0 else None
+
+    def _pool_spec(self, pool):
+        values = self.spec("layers", "pages", None, "cache_heads", "head_dim")
+        if isinstance(pool, QuantKV):
+            return QuantKV(values, self.spec("layers", "pages", None, "cache_heads", None))
+        return values
+
+    def paged_update(self, k_pool, v_pool, k, v, pages, offsets, layer):
+        """Writes new keys/values k/v [B, T, K, H] at global page ids `pages` and `offsets` [B, T] of
+        `layer` into pools split over sp by page id (rank r holds ids [r*P/sp, (r+1)*P/sp)): each rank
+        writes the tokens whose page it holds and drops the others, so a new token's K/V lands on the
+        rank that owns its page with no collective over sp (every sp rank has computed it). Over dp the
+        rows are gathered first: every dp replica holds the whole pool, so each writes every row."""
+        axis = self.axis
+
+        def body(kp, vp, k, v, pages, offsets, layer):
+            n_local = kp.shape[1]
+            local = pages - jax.lax.axis_index(axis) * n_local
+            local = jnp.where((local >= 0) & (local < n_local), local, n_local)  # another rank's page: dropped
+            index = (layer, local, offsets)
+            return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
+
+        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        new, idx = self.spec(None, None, "cache_heads", None), self.spec(None, None)
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=(*pools, new, new, idx, idx, P()), out_specs=pools, check_vma=False
+        )(k_pool, v_pool, k, v, pages, offsets, jnp.asarray(layer, jnp.int32))
+
+    def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window):
+        """q [B, T, N, H] at positions q_pos [B, T] attends to its sequence's pages of `layer` in pools
+        split over sp. A sequence's pages are dealt round robin (block i on rank i % sp, see
+        jaxinfer/scheduler.py), so rank r reads only entries r, r + sp, ... of each block table: 1/sp of
+        the keys, its own pages. Each rank returns its unnormalised output, row max and row sum; one
+        all-gather over sp of those [B, T, N, H + 2] partials per layer, and a log-sum-exp merge on every
+        rank, give the output [B, T, N, H] (replicated over sp)."""
+        size, axis = self.size, self.axis
+
+        def body(q, kp, vp, tables, q_pos, layer):
+            rank = jax.lax.axis_index(axis)
+            n_local, ps = kp.shape[1], kp.shape[2]
+            b, w = tables.shape
+            wr = -(-w // size)  # table entries each rank reads
+            tables = jnp.pad(tables, ((0, 0), (0, wr * size - w)))  # (padding: null-page entries, past every position)
+            mine = jax.lax.dynamic_index_in_dim(tables.reshape(b, wr, size), rank, axis=2, keepdims=False)  # [B, wr]
+            local = mine - rank * n_local
+            owned = (local >= 0) & (local < n_local)
+            local = jnp.where(owned, local, 0)
+            k, v = (jax.tree.map(lambda a: a[layer, local].reshape(b, wr * ps, *a.shape[3:]), c) for c in (kp, vp))
+            key_pos = ((jnp.arange(wr) * size + rank)[:, None] * ps + jnp.arange(ps)).reshape(-1)  # [S]
+            visible = jnp.repeat(owned, ps, axis=1)[:, None, :] & (key_pos[None, None, :] <= q_pos[:, :, None])
+            if sliding_window:
+                visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+            out, m, total = kv_cache.partial_attention(q, k, v, visible)  # [B, T, N, H], [B, T, N] x 2
+            parts = jnp.concatenate([out, m[..., None], total[..., None]], axis=-1)  # [B, T, N, H + 2]
+            parts = jax.lax.all_gather(parts, axis)  # [sp, B, T, N, H + 2]: the layer's one collective over sp
+            return kv_cache.merge_partials(parts[..., :-2], parts[..., -2], parts[..., -1], q.dtype)
+
+        bn = self._batch(q.shape[0])
+        qs, rows = self.spec(bn, None, "q_heads", None), self.spec(bn, None)
+        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=(qs, *pools, rows, rows, P()), out_specs=qs, check_vma=False
+        )(q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32))
+
     def layout(self, tokens, positions):
         """tokens/positions [B, T] -> padded to a multiple of 2·sp (pad positions continue past T), in
         zigzag order and split on `seq`; also the order (host indices) and its inverse."""
@@ -142,6 +212,10 @@ class Ring:
         inverse = np.argsort(order)
         tokens, positions = (self.constrain(a[:, order], "batch", "seq") for a in (tokens, positions))
         return tokens, positions, order, inverse
+
+
+# A Ring rides in the paged cache's pytree (PagedKVCache.split) as static data, never as arrays.
+jax.tree_util.register_static(Ring)
 
 
 @jax.tree_util.register_dataclass
