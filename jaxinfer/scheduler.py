@@ -44,7 +44,9 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, ranks: int = 1):
         if num_pages % ranks:
-            raise JaxinferError(f"num_pages={num_pages} does not split over {ranks} sp ranks; use a multiple of {ranks}")
+            raise JaxinferError(
+                f"num_pages={num_pages} does not split over {ranks} sp ranks; use a multiple of {ranks}"
+            )
         self.ranks, self.per_rank = ranks, num_pages // ranks
         self.free = [collections.deque(range(max(1, r * self.per_rank), (r + 1) * self.per_rank)) for r in range(ranks)]
         self.refs = [0] * num_pages
@@ -211,7 +213,7 @@ class Scheduler:
         need = -(-(prompt_len + budget + self.decode_steps) // self.page_size)
         sp = self.page_ranks
         if -(-need // sp) > self.num_pages // sp - 1:  # rank 0 holds the first of every sp blocks and the null page
-            split = f" ({-(-need // sp)} on each of the sp={sp} ranks, which hold {self.num_pages // sp - 1})"
+            split = f" ({-(-need // sp)} on the first of the sp={sp} ranks, which holds {self.num_pages // sp - 1})"
             raise JaxinferError(
                 f"a prompt of {prompt_len} tokens with max_tokens={budget} needs {need} pages of {self.page_size} "
                 f"tokens{split if sp > 1 else ''} but the cache has {self.num_pages - 1}; raise num_pages, or "
@@ -297,9 +299,8 @@ class Scheduler:
         """Whether `req` could grow to `pages` pages now: on each sp rank, its blocks there against the
         pages that rank can give."""
         blocks = range(len(req.pages), pages)
-        return all(
-            self.pages.available(r) >= sum(1 for i in blocks if i % self.page_ranks == r) for r in range(self.page_ranks)
-        )
+        sp = self.page_ranks
+        return all(self.pages.available(r) >= sum(1 for i in blocks if i % sp == r) for r in range(sp))
 
     def _block_hashes(self, tokens: list[int]) -> list[int]:
         out, h = [], 0

@@ -132,7 +132,7 @@ class Ring:
     # --- the paged cache split over sp (the serving engine) -----------------------------------------
 
     def _batch(self, b: int) -> str | None:
-        """"batch" when b rows split over its mesh axis, else None (a prefill chunk is one row)."""
+        """ "batch" when b rows split over its mesh axis, else None (a prefill chunk is one row)."""
         axis = dict(self.rules)["batch"]
         return "batch" if axis is None or b % self.mesh.shape[axis] == 0 else None
 
