@@ -10,11 +10,17 @@ the sp steps attends the local queries to the K/V block it holds while `ppermute
 (with its positions) to the next rank, and the partial outputs merge by log-sum-exp (running max and
 sum in float32).
 
-This slice keeps the static path's contiguous cache unsplit: `SeqKV` stands in for the cache while
-the layers run (each layer's K/V stays split on `seq`, no collective inside the layers), and
-`SeqKV.write` scatters all layers into the ordinary contiguous cache once after prefill (that is the
-one all-gather of K/V), so decode runs on the full cache as before. A cache split over sp for decode
-(and the paged engine) is the next slice.
+The static path keeps its contiguous cache unsplit: `SeqKV` stands in for the cache while the layers
+run (each layer's K/V stays split on `seq`, no collective inside the layers), and `SeqKV.write`
+scatters all layers into the ordinary contiguous cache once after prefill (that is the one all-gather
+of K/V), so decode runs on the full cache as before.
+
+The serving engine's page pool is split over sp (`Ring.paged_update`, `Ring.paged_attend`): rank r
+holds a contiguous range of page ids, a sequence's pages are dealt round robin over the ranks (block i
+on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
+partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
+layer. Prefill chunks run replicated over sp (not in zigzag order) and attend to the split pool the
+same way.
 """
 
 from __future__ import annotations
