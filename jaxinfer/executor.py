@@ -67,7 +67,7 @@ class Executor:
     def __init__(self, llm, num_pages: int, page_size: int):
         self.llm, self.num_pages, self.page_size = llm, num_pages, page_size
         self.graphdef = llm.paged_graphdef()
-        self.split = llm.setup.ring  # sp > 1: the pool's pages are split over sp (models/kv_cache.PagedKVCache)
+        self.split = llm.setup.page_split  # sp > 1: the pool's pages are split over sp (models/kv_cache.PagedKVCache)
         self._split_arg = {} if self.split is None else {"split": self.split}  # (jit keys an explicit None apart)
         self.cache_k = self.cache_v = None
         self.new_cache()

@@ -101,12 +101,15 @@ def ring_attention_local(q, k, v, q_pos, *, axis: str, size: int, sliding_window
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
-    """How the prefill's sequence is split: the mesh, the rules table (a sorted tuple of items, so a Ring
-    is hashable and can be a static jit argument) and the activation dtype (its name)."""
+    """How the sequence is split over sp: the mesh, the rules table (a sorted tuple of items, so a Ring
+    is hashable and can be a static jit argument), the activation dtype (its name), and for the serving
+    engine's decode the attention implementation over a rank's pages: "xla", or the Pallas kernel
+    ("pallas", or "interpret" on CPU) returning its partial max and sum."""
 
     mesh: Mesh
     rules: tuple
     dtype: str
+    decode_kernel: str = "xla"
 
     @property
     def size(self) -> int:
@@ -175,8 +178,10 @@ class Ring:
         jaxinfer/scheduler.py), so rank r reads only entries r, r + sp, ... of each block table: 1/sp of
         the keys, its own pages. Each rank returns its unnormalised output, row max and row sum; one
         all-gather over sp of those [B, T, N, H + 2] partials per layer, and a log-sum-exp merge on every
-        rank, give the output [B, T, N, H] (replicated over sp)."""
+        rank, give the output [B, T, N, H] (replicated over sp). A decode step (T = 1) without a sliding
+        window takes the Pallas kernel's partials when `decode_kernel` says so; the rest the XLA path."""
         size, axis = self.size, self.axis
+        kernel = self.decode_kernel != "xla" and q.shape[1] == 1 and not sliding_window
 
         def body(q, kp, vp, tables, q_pos, layer):
             rank = jax.lax.axis_index(axis)
@@ -188,12 +193,22 @@ class Ring:
             local = mine - rank * n_local
             owned = (local >= 0) & (local < n_local)
             local = jnp.where(owned, local, 0)
+            if kernel:
+                from pallas_kernels.paged_attention import paged_attention_partial
+
+                out, m, total = paged_attention_partial(
+                    q[:, 0], kp, vp, q_pos[:, 0] + 1, local, layer, rank, ranks=size,
+                    interpret=self.decode_kernel == "interpret",
+                )  # fmt: skip
+                return merge(out[:, None], m[:, None], total[:, None])
             k, v = (jax.tree.map(lambda a: a[layer, local].reshape(b, wr * ps, *a.shape[3:]), c) for c in (kp, vp))
             key_pos = ((jnp.arange(wr) * size + rank)[:, None] * ps + jnp.arange(ps)).reshape(-1)  # [S]
             visible = jnp.repeat(owned, ps, axis=1)[:, None, :] & (key_pos[None, None, :] <= q_pos[:, :, None])
             if sliding_window:
                 visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-            out, m, total = kv_cache.partial_attention(q, k, v, visible)  # [B, T, N, H], [B, T, N] x 2
+            return merge(*kv_cache.partial_attention(q, k, v, visible))  # [B, T, N, H], [B, T, N] x 2
+
+        def merge(out, m, total):
             parts = jnp.concatenate([out, m[..., None], total[..., None]], axis=-1)  # [B, T, N, H + 2]
             parts = jax.lax.all_gather(parts, axis)  # [sp, B, T, N, H + 2]: the layer's one collective over sp
             return kv_cache.merge_partials(parts[..., :-2], parts[..., -2], parts[..., -1], q.dtype)

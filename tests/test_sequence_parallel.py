@@ -104,8 +104,6 @@ def test_sp_errors(llama3, tiny_dir):
         jaxinfer.LLM(llama3, sp=4, num_pages=30)
     with pytest.raises(JaxinferError, match="num_pages=2 does not split over sp=2.*at least 2"):
         jaxinfer.LLM(llama3, sp=2, num_pages=2)
-    with pytest.raises(JaxinferError, match="attention='interpret' cannot serve this model: sp=2 splits the page pool"):
-        jaxinfer.LLM(llama3, sp=2, attention="interpret")
     with pytest.raises(JaxinferError, match="sp=3 does not divide the 8 devices"):
         jaxinfer.LLM(llama3, sp=3)
     with pytest.raises(JaxinferError, match="sp=2 with pp=3"):
@@ -160,7 +158,7 @@ def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
     cfg, eng, s, w = llm.config, llm.engine, 4, 16
     sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), s, s)
     tables, valid = np.zeros((s, w), np.int32), np.ones((s, 1), bool)
-    cache = PagedKVCache(eng.cache_k, eng.cache_v, tables, valid, llm.setup.ring)
+    cache = PagedKVCache(eng.cache_k, eng.cache_v, tables, valid, llm.setup.page_split)
     col = llm._put(np.zeros(s, np.int32))
     text = (
         steps.decode.lower(eng.graphdef, llm.state, cache, col, col, sampling, n_steps=8, greedy_only=True)
@@ -184,7 +182,7 @@ def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
             np.ones((1, 64), bool),
             np.zeros((1, 64), np.int32),
             np.zeros((1, 64), np.int32),
-            split=llm.setup.ring,
+            split=llm.setup.page_split,
         )
         .compile()
         .as_text()
@@ -198,3 +196,14 @@ def test_explain_kv_bytes_per_token_fall_with_sp(llama3):
     four = explain.explain(llama3, dict(sp=4), prompt_len=64, gen_len=16)["per_device"]["kv_cache_bytes_per_token"]
     assert one == 2 * 3 * 4 * 8 * 4  # k and v, 3 layers, 4 kv heads of 8, float32
     assert four * 4 == one
+
+
+def test_engine_over_sp_with_the_pallas_kernel_in_interpret_mode(llama3, engine_ref):
+    """Decode steps take the kernel's partials (its rank's column of the block table, unnormalised output,
+    max and sum), merged across sp as the XLA path's are."""
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, attention="interpret")
+    assert llm.setup.page_split.decode_kernel == "interpret"
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    got = llm.generate([PROMPTS[1]], params)[0]
+    assert got.token_ids == engine_ref[1].token_ids[:16]
+    np.testing.assert_allclose(got.logprobs, engine_ref[1].logprobs[:16], rtol=1e-4, atol=1e-5)
