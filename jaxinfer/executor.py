@@ -8,6 +8,8 @@ benchmark share.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 
@@ -77,9 +79,15 @@ class Executor:
         self.cache_k = self.cache_v = None
         self.cache_k, self.cache_v = kv_cache.empty(pool_layout(self.llm, self.num_pages, self.page_size))
 
+    def ring_chunk(self, chunk: PrefillChunk) -> bool:
+        """Whether `chunk` runs split over sp with ring attention: sp > 1, the prompt's first chunk (no
+        cached prefix to read) and at least 2·sp tokens; others run replicated over sp."""
+        return self.split is not None and chunk.positions[0, 0] == 0 and chunk.valid.sum() >= 2 * self.split.size
+
     def prefill(self, chunk: PrefillChunk) -> None:
         """Writes one prompt chunk's keys/values into its pages."""
-        self.cache_k, self.cache_v = steps.prefill_chunk(
+        step = steps.prefill_chunk_ring if self.ring_chunk(chunk) else steps.prefill_chunk
+        self.cache_k, self.cache_v = step(
             self.graphdef,
             self.llm.state,
             self.cache_k,
@@ -129,19 +137,19 @@ class Executor:
         touch the null page. Returns the number of shapes."""
         sizes, widths, rows = scheduler.shapes(self.llm.max_seq_len)
         put, zeros, state = self.llm.setup.put, np.zeros, self.llm.state
-        for size in sizes:
-            for w in widths:
-                self.cache_k, self.cache_v = steps.prefill_chunk(
-                    self.graphdef,
-                    state,
-                    self.cache_k,
-                    self.cache_v,
-                    zeros((1, w), np.int32),
-                    zeros((1, size), bool),
-                    zeros((1, size), np.int32),
-                    zeros((1, size), np.int32),
-                    **self._split_arg,
-                )
+        chunk_steps = [steps.prefill_chunk] + ([steps.prefill_chunk_ring] if self.split is not None else [])
+        for size, w, step in itertools.product(sizes, widths, chunk_steps):
+            self.cache_k, self.cache_v = step(
+                self.graphdef,
+                state,
+                self.cache_k,
+                self.cache_v,
+                zeros((1, w), np.int32),
+                zeros((1, size), bool),
+                zeros((1, size), np.int32),
+                zeros((1, size), np.int32),
+                **self._split_arg,
+            )
         params = SamplingParams(temperature=0)
         for s in rows:
             sampling, _ = self.llm.setup.sampling_arrays(params, s, s)
@@ -160,4 +168,4 @@ class Executor:
                         greedy_only=greedy,
                     )
                     self.cache_k, self.cache_v = cache.k, cache.v
-        return len(sizes) * len(widths) + 2 * len(rows) * len(widths)
+        return len(sizes) * len(widths) * len(chunk_steps) + 2 * len(rows) * len(widths)

@@ -19,8 +19,9 @@ The serving engine's page pool is split over sp (`Ring.paged_update`, `Ring.page
 holds a contiguous range of page ids, a sequence's pages are dealt round robin over the ranks (block i
 on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
 partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
-layer. Prefill chunks run replicated over sp (not in zigzag order) and attend to the split pool the
-same way.
+layer. A prompt's first chunk (nothing cached before it) runs as a static prefill does, zigzag and
+ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers; a later chunk
+runs replicated over sp and attends to the split pool as decode does.
 """
 
 from __future__ import annotations
@@ -123,16 +124,18 @@ class Ring:
         return sharding.spec(logical, dict(self.rules))
 
     def constrain(self, x, *logical):
+        logical = [self._batch(n) if name == "batch" else name for name, n in zip(logical, x.shape)]
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(*logical)))
 
     def attention(self, q, k, v, q_pos, sliding_window):
         """q [B, T, N, H], k/v [B, T, K, H] (K = cache heads), q_pos [B, T], all in zigzag order and split
         on `seq` -> attention output [B, T, N, H] split alike."""
         body = functools.partial(ring_attention_local, axis=self.axis, size=self.size, sliding_window=sliding_window)
+        bn = self._batch(q.shape[0])  # (an engine's prefill chunk is one row, not split over dp)
         qs, ks, ps = (
-            self.spec("batch", "seq", "q_heads", None),
-            self.spec("batch", "seq", "cache_heads", None),
-            self.spec("batch", "seq"),
+            self.spec(bn, "seq", "q_heads", None),
+            self.spec(bn, "seq", "cache_heads", None),
+            self.spec(bn, "seq"),
         )
         return jax.shard_map(body, mesh=self.mesh, in_specs=(qs, ks, ks, ps), out_specs=qs, check_vma=False)(
             q, k, v, q_pos
@@ -156,21 +159,24 @@ class Ring:
         `layer` into pools split over sp by page id (rank r holds ids [r*P/sp, (r+1)*P/sp)): each rank
         writes the tokens whose page it holds and drops the others, so a new token's K/V lands on the
         rank that owns its page with no collective over sp (every sp rank has computed it). Over dp the
-        rows are gathered first: every dp replica holds the whole pool, so each writes every row."""
+        rows are gathered first: every dp replica holds the whole pool, so each writes every row.
+        layer=None: k/v hold every layer, [L, B, T, K, H] (split on `seq` they are gathered first)."""
         axis = self.axis
 
         def body(kp, vp, k, v, pages, offsets, layer):
             n_local = kp.shape[1]
             local = pages - jax.lax.axis_index(axis) * n_local
             local = jnp.where((local >= 0) & (local < n_local), local, n_local)  # another rank's page: dropped
-            index = (layer, local, offsets)
+            index = (slice(None) if every else layer, local, offsets)
             return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
 
+        every = layer is None
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
-        new, idx = self.spec(None, None, "cache_heads", None), self.spec(None, None)
+        new = self.spec(*(["layers"] if every else []), None, None, "cache_heads", None)
+        idx = self.spec(None, None)
         return jax.shard_map(
             body, mesh=self.mesh, in_specs=(*pools, new, new, idx, idx, P()), out_specs=pools, check_vma=False
-        )(k_pool, v_pool, k, v, pages, offsets, jnp.asarray(layer, jnp.int32))
+        )(k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32))
 
     def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window):
         """q [B, T, N, H] at positions q_pos [B, T] attends to its sequence's pages of `layer` in pools
@@ -256,9 +262,14 @@ class SeqKV:
     def empty(cls, ring: Ring, cache: KVCache, t: int) -> SeqKV:
         """Room for t tokens of every layer of `cache` (a contiguous [L, B, K, S, H] cache)."""
         layers, b, kv_heads, _, head_dim = cache.k.shape
-        z = jnp.zeros((layers, b, t, kv_heads, head_dim), ring.dtype)
+        return cls.zeros(ring, (layers, b, t, kv_heads, head_dim), cache.k.dtype)
+
+    @classmethod
+    def zeros(cls, ring: Ring, shape: tuple[int, ...], cache_dtype) -> SeqKV:
+        """Room for K/V [L, B, T, K, H] bound for a cache stored in `cache_dtype`."""
+        z = jnp.zeros(shape, ring.dtype)
         z = ring.constrain(z, "layers", "batch", "seq", "cache_heads", None)
-        return cls(z, z, ring, str(np.dtype(cache.k.dtype)))
+        return cls(z, z, ring, str(np.dtype(cache_dtype)))
 
     def update(self, layer, k, v, q_pos) -> SeqKV:
         put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x.astype(c.dtype), layer, 0)  # noqa: E731
@@ -284,3 +295,9 @@ class SeqKV:
             return c.at[index].set(x.astype(c.dtype), mode="drop")
 
         return KVCache(put(cache.k, self.k), put(cache.v, self.v))
+
+    def write_pages(self, k_pool, v_pool, pages, offsets):
+        """Every layer's K/V into a page pool split over sp at global page ids `pages` and `offsets`
+        [B, T] (in this K/V's zigzag order): gathered over sp once after the layers, and each rank keeps
+        the tokens of its own pages (`Ring.paged_update`)."""
+        return self.ring.paged_update(k_pool, v_pool, self.k, self.v, pages, offsets, None)

@@ -141,16 +141,22 @@ def _assert_same(got, ref):
     [dict(sp=2), dict(sp=4), dict(sp=2, tp=2), dict(sp=2, dp=2)],
     ids=["sp2", "sp4", "sp2xtp2", "sp2xdp2"],
 )
-def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes):
+def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes, monkeypatch):
     llm = jaxinfer.LLM(llama3, **ENGINE, **axes)
     sp = axes["sp"]
     pool = llm.engine.cache_k
     assert pool.sharding.shard_shape(pool.shape)[1] == ENGINE["num_pages"] // sp  # each rank holds 1/sp of the pages
+    ring_chunks = []
+    ring_step = steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
     for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
         _assert_same(got, ref)
+    # Each prompt's first chunk ran split over sp (ring attention); its later chunks read the split pages.
+    assert [int(p[0, 0]) for p in ring_chunks] == [0, 0]
     hits = llm.engine.pages.hits
     _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
     assert llm.engine.pages.hits - hits == 10  # the shared prefix came from the cache, from the pages' own ranks
+    assert len(ring_chunks) == 2  # a chunk after a cached prefix reads it: not the ring
 
 
 def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
@@ -207,3 +213,31 @@ def test_engine_over_sp_with_the_pallas_kernel_in_interpret_mode(llama3, engine_
     got = llm.generate([PROMPTS[1]], params)[0]
     assert got.token_ids == engine_ref[1].token_ids[:16]
     np.testing.assert_allclose(got.logprobs, engine_ref[1].logprobs[:16], rtol=1e-4, atol=1e-5)
+
+
+def test_a_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, unroll_layers=False)
+    cfg, eng, t = llm.config, llm.engine, 64
+    text = (
+        steps.prefill_chunk_ring.lower(
+            eng.graphdef,
+            llm.state,
+            eng.cache_k,
+            eng.cache_v,
+            np.zeros((1, 16), np.int32),
+            np.ones((1, t), bool),
+            np.zeros((1, t), np.int32),
+            np.zeros((1, t), np.int32),
+            split=llm.setup.page_split,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = (t // 2) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of the chunk, one layer
+    assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 2  # sp - 1 = 1 step: k, v
+    # After the layers the chunk's K/V of every layer is gathered once (k and v); each rank keeps its pages.
+    kv = [c for c in ops if c not in in_layer and c.bytes >= block]
+    assert [(c.kind, c.bytes) for c in kv] == [("all-gather", cfg.num_layers * 2 * block)] * 2
