@@ -144,7 +144,7 @@ class Ring:
     # --- the paged cache split over sp (the serving engine) -----------------------------------------
 
     def _batch(self, b: int) -> str | None:
-        """ "batch" when b rows split over its mesh axis, else None (a prefill chunk is one row)."""
+        """The logical name "batch" when b rows split over its mesh axis, else None (a chunk is one row)."""
         axis = dict(self.rules)["batch"]
         return "batch" if axis is None or b % self.mesh.shape[axis] == 0 else None
 
@@ -161,7 +161,7 @@ class Ring:
         rank that owns its page with no collective over sp (every sp rank has computed it). Over dp the
         rows are gathered first: every dp replica holds the whole pool, so each writes every row.
         layer=None: k/v hold every layer, [L, B, T, K, H] (split on `seq` they are gathered first)."""
-        axis = self.axis
+        axis, every = self.axis, layer is None
 
         def body(kp, vp, k, v, pages, offsets, layer):
             n_local = kp.shape[1]
@@ -170,7 +170,6 @@ class Ring:
             index = (slice(None) if every else layer, local, offsets)
             return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
 
-        every = layer is None
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
         new = self.spec(*(["layers"] if every else []), None, None, "cache_heads", None)
         idx = self.spec(None, None)
@@ -202,11 +201,12 @@ class Ring:
             if kernel:
                 from pallas_kernels.paged_attention import paged_attention_partial
 
-                out, m, total = paged_attention_partial(
-                    q[:, 0], kp, vp, q_pos[:, 0] + 1, local, layer, rank, ranks=size,
-                    interpret=self.decode_kernel == "interpret",
-                )  # fmt: skip
-                return merge(out[:, None], m[:, None], total[:, None])
+                # Its rank's column of the table; entries past the length (the null page) it never reads.
+                interpret = self.decode_kernel == "interpret"
+                parts = paged_attention_partial(
+                    q[:, 0], kp, vp, q_pos[:, 0] + 1, local, layer, rank, ranks=size, interpret=interpret
+                )
+                return merge(*(a[:, None] for a in parts))  # [B, N, H], [B, N] x 2 -> with T = 1
             k, v = (jax.tree.map(lambda a: a[layer, local].reshape(b, wr * ps, *a.shape[3:]), c) for c in (kp, vp))
             key_pos = ((jnp.arange(wr) * size + rank)[:, None] * ps + jnp.arange(ps)).reshape(-1)  # [S]
             visible = jnp.repeat(owned, ps, axis=1)[:, None, :] & (key_pos[None, None, :] <= q_pos[:, :, None])
