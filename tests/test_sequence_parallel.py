@@ -241,3 +241,21 @@ def test_a_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_
     # After the layers the chunk's K/V of every layer is gathered once (k and v); each rank keeps its pages.
     kv = [c for c in ops if c not in in_layer and c.bytes >= block]
     assert [(c.kind, c.bytes) for c in kv] == [("all-gather", cfg.num_layers * 2 * block)] * 2
+
+
+@pytest.mark.parametrize(
+    "arch, options, tol",
+    [("mistral", {}, 1e-4), ("llama3", dict(kv_cache_dtype="int8"), 2e-3)],
+    ids=["sliding-window", "int8-kv"],
+)
+def test_engine_over_sp_with_a_sliding_window_or_an_int8_cache(tiny_dir, arch, options, tol):
+    """The split pool's masks follow a sliding window (8 tokens here, much shorter than the prompt), and
+    its scales come with the pages. int8: not 1e-4, see test_score_with_an_int8_kv_cache_matches_one_device."""
+    path = str(tiny_dir(arch))
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    prompts = [PROMPT[:150], PROMPT[100:177]]
+    ref = jaxinfer.LLM(path, **ENGINE, **options).generate(prompts, params)
+    got = jaxinfer.LLM(path, **ENGINE, **options, sp=2).generate(prompts, params)
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+        np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=tol, atol=tol)
