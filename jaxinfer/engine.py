@@ -66,7 +66,13 @@ class Engine:
         )
         self.executor = Executor(llm, self.num_pages, page_size)
         self.scheduler = Scheduler(
-            self.num_pages, page_size, max_num_seqs, prefill_chunk, decode_steps, batch_multiple=llm.mesh.shape["dp"]
+            self.num_pages,
+            page_size,
+            max_num_seqs,
+            prefill_chunk,
+            decode_steps,
+            batch_multiple=llm.mesh.shape["dp"],
+            page_ranks=llm.mesh.shape["sp"],
         )
         self.lock = threading.RLock()  # held by whoever drives the engine: add, cancel, step
         self._cancels: collections.deque[Request] = collections.deque()  # from cancel_soon

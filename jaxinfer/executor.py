@@ -8,6 +8,8 @@ benchmark share.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 
@@ -30,7 +32,8 @@ def pool_bytes(llm, num_pages: int, page_size: int) -> int:
 
 def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
     """Pages that fit in `fraction` of the memory one device has left after the weights (on CPU, of
-    the host's available memory shared by the simulated devices), at most `needed`."""
+    the host's available memory shared by the simulated devices), at most `needed`; a multiple of sp
+    (the pool splits over the sp devices, so a page costs each of them 1/sp of its bytes)."""
     dev = next(d for d in llm.mesh.devices.flat if d.process_index == jax.process_index())
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "bytes_limit" in stats:
@@ -39,8 +42,10 @@ def default_num_pages(llm, page_size: int, fraction: float, needed: int) -> int:
         with open("/proc/meminfo") as f:
             meminfo = dict(line.split(":", 1) for line in f)
         free = int(meminfo["MemAvailable"].split()[0]) * 1024 // max(1, len(jax.local_devices()))
-    per_page = pool_bytes(llm, 1, page_size)  # values and scales: fp8/int8 take 1 byte + 4 per token and head
-    return max(2, min(needed, int(fraction * free) // per_page))
+    sp = llm.mesh.shape["sp"]
+    per_rank_page = pool_bytes(llm, sp, page_size)  # values and scales: fp8/int8 take 1 byte + 4 per token and head
+    pages = min(-(-needed // sp), int(fraction * free) // per_rank_page) * sp
+    return max(pages, 2 if sp == 1 else 2 * sp)
 
 
 def decode_chunks(graphdef, state, cache, tokens, positions: np.ndarray, sampling, *, put, n_steps, greedy_only):
@@ -64,6 +69,8 @@ class Executor:
     def __init__(self, llm, num_pages: int, page_size: int):
         self.llm, self.num_pages, self.page_size = llm, num_pages, page_size
         self.graphdef = llm.paged_graphdef()
+        self.split = llm.setup.page_split  # sp > 1: the pool's pages are split over sp (models/kv_cache.PagedKVCache)
+        self._split_arg = {} if self.split is None else {"split": self.split}  # (jit keys an explicit None apart)
         self.cache_k = self.cache_v = None
         self.new_cache()
 
@@ -72,9 +79,15 @@ class Executor:
         self.cache_k = self.cache_v = None
         self.cache_k, self.cache_v = kv_cache.empty(pool_layout(self.llm, self.num_pages, self.page_size))
 
+    def ring_chunk(self, chunk: PrefillChunk) -> bool:
+        """Whether `chunk` runs split over sp with ring attention: sp > 1, the prompt's first chunk (no
+        cached prefix to read) and at least 2·sp tokens; others run replicated over sp."""
+        return self.split is not None and chunk.positions[0, 0] == 0 and chunk.valid.sum() >= 2 * self.split.size
+
     def prefill(self, chunk: PrefillChunk) -> None:
         """Writes one prompt chunk's keys/values into its pages."""
-        self.cache_k, self.cache_v = steps.prefill_chunk(
+        step = steps.prefill_chunk_ring if self.ring_chunk(chunk) else steps.prefill_chunk
+        self.cache_k, self.cache_v = step(
             self.graphdef,
             self.llm.state,
             self.cache_k,
@@ -83,13 +96,14 @@ class Executor:
             chunk.valid,
             chunk.tokens,
             chunk.positions,
+            **self._split_arg,
         )
 
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, np.ndarray]:
         """Runs the decode call; returns host tokens and logprobs [S, n_steps] (and sets `batch.top` to
         the most likely alternatives when the batch asks for them)."""
         put = self.llm.setup.put
-        cache = PagedKVCache(self.cache_k, self.cache_v, batch.block_tables, batch.valid)
+        cache = PagedKVCache(self.cache_k, self.cache_v, batch.block_tables, batch.valid, self.split)
         sampling = tuple(put(a) for a in (batch.temperature, batch.top_k, batch.top_p, batch.keys))
         toks, logprobs, cache, *top = steps.decode(
             self.graphdef,
@@ -123,24 +137,26 @@ class Executor:
         touch the null page. Returns the number of shapes."""
         sizes, widths, rows = scheduler.shapes(self.llm.max_seq_len)
         put, zeros, state = self.llm.setup.put, np.zeros, self.llm.state
-        for size in sizes:
-            for w in widths:
-                self.cache_k, self.cache_v = steps.prefill_chunk(
-                    self.graphdef,
-                    state,
-                    self.cache_k,
-                    self.cache_v,
-                    zeros((1, w), np.int32),
-                    zeros((1, size), bool),
-                    zeros((1, size), np.int32),
-                    zeros((1, size), np.int32),
-                )
+        chunk_steps = [steps.prefill_chunk] + ([steps.prefill_chunk_ring] if self.split is not None else [])
+        for size, w, step in itertools.product(sizes, widths, chunk_steps):
+            self.cache_k, self.cache_v = step(
+                self.graphdef,
+                state,
+                self.cache_k,
+                self.cache_v,
+                zeros((1, w), np.int32),
+                zeros((1, size), bool),
+                zeros((1, size), np.int32),
+                zeros((1, size), np.int32),
+                **self._split_arg,
+            )
         params = SamplingParams(temperature=0)
         for s in rows:
             sampling, _ = self.llm.setup.sampling_arrays(params, s, s)
             for w in widths:
                 for greedy in (True, False):
-                    cache = PagedKVCache(self.cache_k, self.cache_v, zeros((s, w), np.int32), zeros((s, 1), bool))
+                    tables, valid = zeros((s, w), np.int32), zeros((s, 1), bool)
+                    cache = PagedKVCache(self.cache_k, self.cache_v, tables, valid, self.split)
                     _, _, cache = steps.decode(
                         self.graphdef,
                         state,
@@ -152,4 +168,4 @@ class Executor:
                         greedy_only=greedy,
                     )
                     self.cache_k, self.cache_v = cache.k, cache.v
-        return len(sizes) * len(widths) + 2 * len(rows) * len(widths)
+        return len(sizes) * len(widths) * len(chunk_steps) + 2 * len(rows) * len(widths)

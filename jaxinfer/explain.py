@@ -67,11 +67,12 @@ def abstract_cache(setup: Setup, batch: int, length: int) -> llama.KVCache:
     return llama.KVCache(*setup.cache_layout(setup.cache_shape(batch, length), llama.CACHE_AXES))
 
 
-def kv_bytes_per_token(kv_bytes: int, rows: int, cache_len: int) -> int:
-    """Cache bytes one token takes on one device (its k and v in the layers and heads the device holds,
-    scales included), from the bytes of a device's `rows` x `cache_len` tokens (an exact split: layers,
-    heads and rows divide evenly over pp, tp and dp)."""
-    return kv_bytes // (rows * cache_len)
+def pool_bytes_per_token(setup: Setup, page_size: int = 16) -> int:
+    """Bytes a token of the serving engine's page pool costs one device, averaged over the pool: the
+    layers and heads the device holds, and with sp > 1 a 1/sp share, since the pool's pages are split
+    over sp (one page per sp rank here). At sp = 1 this equals the contiguous cache's bytes per token."""
+    sp = setup.mesh.shape["sp"]
+    return setup.page_bytes(sp, page_size) // (sp * page_size)
 
 
 def step_report(compiled, num_layers: int, dtype) -> dict:
@@ -167,7 +168,8 @@ def explain(
         "per_device": {
             "param_bytes": param_bytes,
             "kv_cache_bytes": kv_bytes,
-            "kv_cache_bytes_per_token": kv_bytes_per_token(kv_bytes, rows, cache_len),
+            # the serving engine's paged pool, split over sp (the static path's contiguous cache is not)
+            "kv_cache_bytes_per_token": pool_bytes_per_token(setup),
             "bytes_left_beside_weights": fits(param_bytes),
         },
         "total": {"param_bytes": total_param_bytes(setup), "devices": n_dev},
@@ -293,7 +295,7 @@ def format_report(r: dict) -> str:
         f"per device: parameters {r['per_device']['param_bytes'] / gib:.3f} GiB "
         f"(total {r['total']['param_bytes'] / gib:.3f} GiB / {r['total']['devices']} devices), "
         f"KV cache {r['per_device']['kv_cache_bytes'] / gib:.3f} GiB "
-        f"({_kv_format(r)}, {r['per_device']['kv_cache_bytes_per_token']} bytes per token)",
+        f"({_kv_format(r)}; the engine's page pool: {r['per_device']['kv_cache_bytes_per_token']} bytes per token)",
     ]
     lines.append(_fits_line(r["per_device"]["param_bytes"]))
     lines += [f"{step}: {impl}" for step, impl in r["kernels"].items()]

@@ -68,9 +68,14 @@ def choose(name: str, requested: str, probe: Callable[[], None], unsupported: st
     return Choice("pallas", "compiled and ran at this model's sizes")
 
 
-def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_cache_dtype: str = "auto") -> Choice:
+def attention(
+    cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_cache_dtype: str = "auto", sp: int = 1
+) -> Choice:
     """Decode attention over the paged cache (prefill and the static path always use XLA). The probe
-    reads pools stored as the cache will be (8-bit values with their scales when quantized)."""
+    reads pools stored as the cache will be (8-bit values with their scales when quantized). With sp > 1
+    the pool is split over sp and each rank attends over its own pages
+    (models/ring_attention.Ring.paged_attend): the kernel then reads one rank's column of the block
+    table and returns its partial max and sum (`paged_attention_partial`), which the probe runs."""
     from pallas_kernels import paged_attention as pa
 
     hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
@@ -87,7 +92,12 @@ def attention(cfg: ModelConfig, dtype, requested: str, page_size: int = 16, kv_c
             stored = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[kv_cache_dtype]
             pool = (pool.astype(stored), jnp.ones((1, 2, page_size, 1), jnp.float32))
         ones = jnp.ones(1, jnp.int32)
-        pa.paged_attention(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0).block_until_ready()
+        if sp > 1:
+            pa.paged_attention_partial(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0, 0, ranks=sp)[
+                0
+            ].block_until_ready()
+        else:
+            pa.paged_attention(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0).block_until_ready()
 
     return choose("attention", requested, probe, unsupported)
 

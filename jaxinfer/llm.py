@@ -30,9 +30,13 @@ class LLM:
     from `mesh`, a preset name in meshes/ or a JSON file. On CPU, simulated devices are created for the
     mesh when jax has not started yet; otherwise set XLA_FLAGS=--xla_force_host_platform_device_count=N
     (or `jax.config.update("jax_num_cpu_devices", N)`) before using jax.
-    sp: sequence parallelism for prefill on `generate_static` and `score`: the prompt split over sp devices
-    in zigzag order, ring attention between them (models/ring_attention.py); the K/V is gathered into an
-    unsplit cache after prefill, so decode runs as at sp=1. The serving engine needs sp=1 for now.
+    sp: sequence parallelism. On `generate_static` and `score` the prompt is split over sp devices in
+    zigzag order with ring attention between them (models/ring_attention.py); the K/V is gathered into an
+    unsplit cache after prefill, so decode runs as at sp=1. In the serving engine the page pool is split
+    over sp (num_pages a multiple of sp; each device holds 1/sp of the pages, a sequence's pages dealt
+    round robin); prefill chunks and decode attend on each device over its own pages and merge the
+    partials across sp (one small all-gather per layer), and a prompt's first chunk runs split over sp
+    with ring attention.
     dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
     devices: the devices this model uses, exactly as many as the mesh needs (default: the first ones of
@@ -108,6 +112,13 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype,
             quantize_head=quantize_head,
         )
+        sp = setup.mesh.shape["sp"]
+        if num_pages is not None and (num_pages % sp or num_pages < 2 * sp):
+            fix = -(-max(num_pages, 2 * sp) // sp) * sp
+            raise JaxinferError(
+                f"num_pages={num_pages} does not split over sp={sp}: each sp device holds an equal share of the "
+                f"page pool, at least 2; use a multiple of {sp} such as num_pages={fix}"
+            )
         self.setup = setup
         self.config, self.mesh, self.rules, self.dtype = setup.config, setup.mesh, setup.rules, setup.dtype
         self.tokenizer = setup.source.tokenizer
@@ -199,11 +210,6 @@ class LLM:
     def engine(self):
         """The serving engine (created on first use), shared by generate, generate_stream and AsyncLLM."""
         if self._engine is None:
-            if self.mesh.shape["sp"] > 1:
-                raise JaxinferError(
-                    f"sp={self.mesh.shape['sp']}: sequence parallelism serves generate_static and score only for "
-                    "now (the serving engine's paged cache is not split over sp yet); use those, or sp=1"
-                )
             from jaxinfer.engine import Engine
 
             self._engine = Engine(self, **self.engine_options)

@@ -107,6 +107,8 @@ class Setup:
         }
         if self.mesh.shape["sp"] > 1:
             out["prefill and static-path attention"] += f"; prefill as ring attention over sp={self.mesh.shape['sp']}"
+            out["engine decode attention"] += "; each sp rank over its own pages, partials merged across sp"
+            out["engine prefill-chunk attention"] = "xla, each sp rank over its own pages, partials merged across sp"
         if self.moe_kernel is not None:
             out["expert matmul"] = str(self.moe_kernel)
         return out
@@ -179,7 +181,7 @@ class Setup:
     def attention_kernel(self):
         """The paged decode-attention kernel wrapped in shard_map over the mesh, or None for the XLA path."""
         kind = self.attention.impl
-        if kind == "xla":
+        if kind == "xla" or self.mesh.shape["sp"] > 1:  # over sp the split cache runs it (page_split)
             return None
         from pallas_kernels.paged_attention import paged_attention
 
@@ -224,6 +226,13 @@ class Setup:
         if self.mesh.shape["sp"] == 1:
             return None
         return Ring(self.mesh, tuple(sorted(self.rules.items())), np.dtype(self.dtype).name)
+
+    @property
+    def page_split(self) -> Ring | None:
+        """How the serving engine's page pool is split over sp (models/kv_cache.PagedKVCache.split): the
+        ring with the decode-attention implementation chosen; None when sp=1."""
+        ring = self.ring
+        return None if ring is None else dataclasses.replace(ring, decode_kernel=self.attention.impl)
 
     @property
     def cache_sharding(self) -> NamedSharding:
@@ -325,7 +334,7 @@ def prepare(
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
     setup.quant = quant
     setup.kv_cache_dtype = kv_cache_dtype
-    setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype)
+    setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype, sp=shape["sp"])
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:
         setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)

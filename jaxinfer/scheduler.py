@@ -31,24 +31,44 @@ log = logging.getLogger(__name__)
 class PageAllocator:
     """Pages 1..num_pages-1 (page 0 is the null page idle slots write to). Full pages of computed
     prompt blocks are registered under the hash chain of their tokens; when their last user leaves
-    they stay cached, least recently used first out, until an allocation needs them."""
+    they stay cached, least recently used first out, until an allocation needs them.
 
-    def __init__(self, num_pages: int):
-        self.free = collections.deque(range(1, num_pages))
+    With `ranks` > 1 (sp > 1) the pool is split over the sp devices by page id: rank r holds pages
+    [r*num_pages/ranks, (r+1)*num_pages/ranks) (the sharding of the pool's page axis), and each rank
+    has its own free list and its own least-recently-used cached pages. `allocate(rank)` takes a page
+    of that rank only: the scheduler deals a sequence's pages round robin (block i on rank i % ranks),
+    which balances memory and decode work across the ranks as a sequence grows, and lets each rank
+    read just every ranks-th entry of a block table (models/ring_attention.Ring.paged_attend). A prefix
+    cache hit keeps the dealing: block i of a prompt is always block i, so its cached page is on rank
+    i % ranks."""
+
+    def __init__(self, num_pages: int, ranks: int = 1):
+        if num_pages % ranks:
+            raise JaxinferError(
+                f"num_pages={num_pages} does not split over {ranks} sp ranks; use a multiple of {ranks}"
+            )
+        self.ranks, self.per_rank = ranks, num_pages // ranks
+        self.free = [collections.deque(range(max(1, r * self.per_rank), (r + 1) * self.per_rank)) for r in range(ranks)]
         self.refs = [0] * num_pages
         self.hash_of: dict[int, int] = {}
         self.page_of: dict[int, int] = {}
-        self.unused: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.unused = [collections.OrderedDict() for _ in range(ranks)]  # per rank: cached pages no one uses
         self.hits = 0  # prefix pages reused
 
-    def available(self) -> int:
-        return len(self.free) + len(self.unused)
+    def rank(self, page: int) -> int:
+        return page // self.per_rank
 
-    def allocate(self) -> int | None:
-        if self.free:
-            page = self.free.popleft()
-        elif self.unused:
-            page, _ = self.unused.popitem(last=False)
+    def available(self, rank: int | None = None) -> int:
+        """Pages an allocation could take (free or cached but unused), of one rank or of all."""
+        ranks = range(self.ranks) if rank is None else (rank,)
+        return sum(len(self.free[r]) + len(self.unused[r]) for r in ranks)
+
+    def allocate(self, rank: int = 0) -> int | None:
+        """A page of `rank` (evicting its least recently used cached page when none is free), or None."""
+        if self.free[rank]:
+            page = self.free[rank].popleft()
+        elif self.unused[rank]:
+            page, _ = self.unused[rank].popitem(last=False)
             del self.page_of[self.hash_of.pop(page)]
         else:
             return None
@@ -59,15 +79,15 @@ class PageAllocator:
         self.refs[page] -= 1
         if self.refs[page] == 0:
             if page in self.hash_of:
-                self.unused[page] = None
+                self.unused[self.rank(page)][page] = None
             else:
-                self.free.append(page)
+                self.free[self.rank(page)].append(page)
 
     def lookup(self, block_hash: int) -> int | None:
         page = self.page_of.get(block_hash)
         if page is not None:
             if self.refs[page] == 0:
-                del self.unused[page]
+                del self.unused[self.rank(page)][page]
             self.refs[page] += 1
             self.hits += 1
         return page
@@ -84,9 +104,10 @@ class PageAllocator:
         """Forgets `page` as the cache of `block_hash` (its contents were never written)."""
         if self.hash_of.get(page) == block_hash and self.page_of.get(block_hash) == page:
             del self.hash_of[page], self.page_of[block_hash]
-            if page in self.unused:
-                del self.unused[page]
-                self.free.append(page)
+            unused = self.unused[self.rank(page)]
+            if page in unused:
+                del unused[page]
+                self.free[self.rank(page)].append(page)
 
 
 @dataclasses.dataclass(eq=False)
@@ -172,10 +193,12 @@ class Scheduler:
         prefill_chunk: int,
         decode_steps: int,
         batch_multiple: int = 1,
+        page_ranks: int = 1,
     ):
         self.num_pages, self.page_size, self.slots = num_pages, page_size, max_num_seqs
         self.chunk, self.decode_steps, self.batch_multiple = prefill_chunk, decode_steps, batch_multiple
-        self.pages = PageAllocator(num_pages)
+        self.page_ranks = page_ranks  # sp: the pool's pages are split over this many devices
+        self.pages = PageAllocator(num_pages, page_ranks)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.ids = itertools.count()
@@ -188,10 +211,13 @@ class Scheduler:
         """Raises JaxinferError for a request the cache could never hold alone (preemption would only
         ever restart it)."""
         need = -(-(prompt_len + budget + self.decode_steps) // self.page_size)
-        if need > self.num_pages - 1:
+        sp = self.page_ranks
+        if -(-need // sp) > self.num_pages // sp - 1:  # rank 0 holds the first of every sp blocks and the null page
+            split = f" ({-(-need // sp)} on the first of the sp={sp} ranks, which holds {self.num_pages // sp - 1})"
             raise JaxinferError(
                 f"a prompt of {prompt_len} tokens with max_tokens={budget} needs {need} pages of {self.page_size} "
-                f"tokens but the cache has {self.num_pages - 1}; raise num_pages, or lower max_tokens or the prompt"
+                f"tokens{split if sp > 1 else ''} but the cache has {self.num_pages - 1}; raise num_pages, or "
+                "lower max_tokens or the prompt"
             )
 
     def add(self, req: Request) -> None:
@@ -239,7 +265,7 @@ class Scheduler:
             self.running.remove(r)
             self._release(r)
             self.waiting.appendleft(r)
-        self.pages = PageAllocator(self.num_pages)
+        self.pages = PageAllocator(self.num_pages, self.page_ranks)
 
     # --- pages -----------------------------------------------------------------------------------
 
@@ -261,13 +287,20 @@ class Scheduler:
         """Pages for the first `positions` tokens of `req`, preempting newer requests; False when `req`
         itself had to go."""
         while len(req.pages) * self.page_size < positions:
-            page = self.pages.allocate()
+            page = self.pages.allocate(len(req.pages) % self.page_ranks)  # dealt round robin over the sp ranks
             if page is None:
                 if self._preempt_newest() is req:
                     return False
                 continue
             req.pages.append(page)
         return True
+
+    def _fits(self, req: Request, pages: int) -> bool:
+        """Whether `req` could grow to `pages` pages now: on each sp rank, its blocks there against the
+        pages that rank can give."""
+        blocks = range(len(req.pages), pages)
+        sp = self.page_ranks
+        return all(self.pages.available(r) >= sum(1 for i in blocks if i % sp == r) for r in range(sp))
 
     def _block_hashes(self, tokens: list[int]) -> list[int]:
         out, h = [], 0
@@ -310,7 +343,7 @@ class Scheduler:
                     req.hashes.append(h)
                 req.computed = len(req.pages) * self.page_size
                 first = min(len(req.tokens), req.computed + self.chunk) + self.decode_steps
-                fits = self.pages.available() >= -(-first // self.page_size) - len(req.pages)
+                fits = self._fits(req, -(-first // self.page_size))
             except Exception as e:
                 self.fail(req, e, failed)
                 continue

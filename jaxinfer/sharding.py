@@ -38,6 +38,7 @@ RULES: dict[str, str | None] = {
     "seq": "sp",
     "cache_seq": None,
     "cache_heads": "tp",  # kv heads as the cache stores them: repeated up to tp when fewer
+    "pages": "sp",  # the serving engine's page pool: each sp rank holds a contiguous range of page ids
 }
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "meshes"
@@ -160,6 +161,8 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
     if sp > 1:
         if rules["seq"] != "sp":
             raise JaxinferError(f"sp={sp}: the seq dimension must lie on the sp mesh axis, not {rules['seq']!r}")
+        if rules["pages"] != "sp":
+            raise JaxinferError(f"sp={sp}: the pages dimension must lie on the sp mesh axis, not {rules['pages']!r}")
         if pp > 1:
             raise JaxinferError(
                 f"sp={sp} with pp={pp}: sequence parallelism does not run inside pipeline stages yet; set pp=1 or sp=1"

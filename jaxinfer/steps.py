@@ -73,12 +73,31 @@ def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, gree
     return outs[0].T, outs[1].T, cache, outs[2].transpose(1, 0, 2), outs[3].transpose(1, 0, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("k", "v"))
-def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions):
-    """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v."""
-    cache = PagedKVCache(k, v, block_tables, valid)
+@functools.partial(jax.jit, static_argnames=("graphdef", "split"), donate_argnames=("k", "v"))
+def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions, split: Ring | None = None):
+    """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v; with
+    a `split` (sp > 1) the pages are split over sp (models/kv_cache.PagedKVCache)."""
+    cache = PagedKVCache(k, v, block_tables, valid, split)
     _, cache = forward(graphdef, state, tokens, positions, cache, logit_index=jnp.zeros(tokens.shape[:1], jnp.int32))
     return cache.k, cache.v
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "split"), donate_argnames=("k", "v"))
+def prefill_chunk_ring(graphdef, state, k, v, block_tables, valid, tokens, positions, split: Ring):
+    """`prefill_chunk` for a first chunk (no cached prefix) over pages split over sp: the chunk's tokens
+    split over sp in zigzag order with ring attention among them (as `forward_seq`), then every layer's
+    K/V written into the pages once, each rank keeping its own."""
+    b, t = tokens.shape
+    # Padding tokens take a position past every real one, so as keys no real query sees them.
+    positions = jnp.where(valid, positions, jnp.iinfo(jnp.int32).max // 2)
+    tokens, positions, order, _ = split.layout(tokens, positions)
+    valid = jnp.pad(valid, ((0, 0), (0, tokens.shape[1] - t)))[:, order]
+    kv = SeqKV.zeros(split, (k.shape[0], b, tokens.shape[1], *k.shape[3:]), k.dtype)
+    _, kv = forward(graphdef, state, tokens, positions, kv, logit_index=jnp.zeros(b, jnp.int32))
+    page_size = k.shape[2]
+    entry = jnp.minimum(positions // page_size, block_tables.shape[1] - 1)
+    pages = jnp.where(valid, jnp.take_along_axis(block_tables, entry, axis=1), 0)
+    return kv.write_pages(k, v, pages, positions % page_size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "ring"))

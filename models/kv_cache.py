@@ -65,7 +65,7 @@ def dequantize(c: QuantKV, dtype=jnp.float32) -> jax.Array:
     return (c.values.astype(jnp.float32) * c.scales).astype(dtype)
 
 
-def _write(c, index: tuple, x, **mode):
+def write_at(c, index: tuple, x, **mode):
     """c.at[index].set(x) for a plain cache array or a QuantKV (x quantized per token and head)."""
     if isinstance(c, QuantKV):
         new = quantize(x, c.dtype)
@@ -106,6 +106,40 @@ def attention(q, k, v, q_pos, sliding_window):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
 
 
+def partial_attention(q, k, v, visible):
+    """`attention`'s unnormalised parts over some of the keys, for a merge with other parts (a split
+    cache): q [B, T, N, H] against k/v [B, S, K, H] (arrays or QuantKV with scales [B, S, K, 1]) where
+    visible [B, T, S] -> float32 output [B, T, N, H], row max and row sum [B, T, N]. A row that sees no
+    key here has max -inf and sum 0, so it weighs nothing in the merge."""
+    b, t, n, hd = q.shape
+    k, v = (jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), c) for c in (k, v))  # [B, K, S, H]
+    k, k_scale = _operand(k, q.dtype)
+    v, v_scale = _operand(v, q.dtype)
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    if k_scale is not None:
+        scores = scores * k_scale
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1)  # [B, K, G, T]
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
+    total = jnp.sum(p, axis=-1)
+    if v_scale is not None:
+        p = p * v_scale
+    out = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    heads = lambda a: a.transpose(0, 3, 1, 2).reshape(b, t, n)  # noqa: E731  [B, K, G, T] -> [B, T, N]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd), heads(m), heads(total)
+
+
+def merge_partials(out, m, total, dtype):
+    """Log-sum-exp merge of stacked partials (from `partial_attention`): out [R, B, T, N, H], m and total
+    [R, B, T, N] -> [B, T, N, H] in `dtype`. Some part must see a key for every row."""
+    top = jnp.max(m, axis=0)
+    weight = jnp.exp(m - jnp.where(jnp.isfinite(top), top, 0.0))  # a part that saw nothing: exp(-inf) = 0
+    num = jnp.sum(out * weight[..., None], axis=0)
+    return (num / jnp.sum(total * weight, axis=0)[..., None]).astype(dtype)
+
+
 class KVCache(NamedTuple):
     """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim] (or a QuantKV with
     scales [layers, batch, cache_heads, cache_seq, 1]): each head's keys are contiguous, so attention
@@ -118,7 +152,7 @@ class KVCache(NamedTuple):
         rows = jnp.arange(k.shape[0])[:, None]
         # [B, T, K, H] into [layer, B, K, S, H] at each row's positions (advanced indices go first)
         index = (layer, rows, slice(None), q_pos)
-        return KVCache(*(_write(c, index, x, mode="drop") for c, x in zip(self, (k, v))))
+        return KVCache(*(write_at(c, index, x, mode="drop") for c, x in zip(self, (k, v))))
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel=None):
         k, v = (
@@ -136,7 +170,8 @@ class KVCache(NamedTuple):
 
 
 CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
-PAGE_AXES = ("layers", None, None, "cache_heads", "head_dim")
+# "pages" lies on sp (jaxinfer/sharding.py): with sp > 1 each rank holds a contiguous range of page ids.
+PAGE_AXES = ("layers", "pages", None, "cache_heads", "head_dim")
 
 
 def scale_axes(axes: tuple[str | None, ...]) -> tuple[str | None, ...]:
@@ -148,21 +183,31 @@ class PagedKVCache(NamedTuple):
     """Pages k and v each [layers, pages, page_size, cache_heads, head_dim] (or a QuantKV with scales
     [layers, pages, page_size, cache_heads, 1]); row b of `block_tables` [B, pages_per_seq] lists the
     pages of the sequence in slot b. Tokens whose `valid` [B, T] is False (padding, idle slots) write to
-    page 0, which no sequence owns."""
+    page 0, which no sequence owns.
+
+    `split` (static, no arrays): with sp > 1 the pool's pages are split over the sp mesh axis and
+    `split` (a models.ring_attention.Ring) writes and attends on each rank over its own pages
+    (`Ring.paged_update`, `Ring.paged_attend`); None on one sp rank."""
 
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
     block_tables: jax.Array
     valid: jax.Array
+    split: object = None
 
     def update(self, layer, k, v, q_pos) -> PagedKVCache:
         page_size = self.k.shape[2]
         pages = jnp.take_along_axis(self.block_tables, q_pos // page_size, axis=1)  # [B, T]
         pages = jnp.where(self.valid, pages, 0)
+        if self.split is not None:
+            new_k, new_v = self.split.paged_update(self.k, self.v, k, v, pages, q_pos % page_size, layer)
+            return self._replace(k=new_k, v=new_v)
         index = (layer, pages, q_pos % page_size)
-        return self._replace(k=_write(self.k, index, k), v=_write(self.v, index, v))
+        return self._replace(k=write_at(self.k, index, k), v=write_at(self.v, index, v))
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel: Callable | None = None):
+        if self.split is not None:  # each sp rank over its own pages, partials merged (the kernel reads whole pools)
+            return self.split.paged_attend(q, self.k, self.v, self.block_tables, q_pos, layer, sliding_window)
         # Both paths read the whole pool at `layer`: slicing one layer out first would copy it every step.
         if kernel is not None and q.shape[1] == 1 and not sliding_window:
             # A QuantKV pool reaches the kernel as its (values, scales) pair.

@@ -10,11 +10,18 @@ the sp steps attends the local queries to the K/V block it holds while `ppermute
 (with its positions) to the next rank, and the partial outputs merge by log-sum-exp (running max and
 sum in float32).
 
-This slice keeps the static path's contiguous cache unsplit: `SeqKV` stands in for the cache while
-the layers run (each layer's K/V stays split on `seq`, no collective inside the layers), and
-`SeqKV.write` scatters all layers into the ordinary contiguous cache once after prefill (that is the
-one all-gather of K/V), so decode runs on the full cache as before. A cache split over sp for decode
-(and the paged engine) is the next slice.
+The static path keeps its contiguous cache unsplit: `SeqKV` stands in for the cache while the layers
+run (each layer's K/V stays split on `seq`, no collective inside the layers), and `SeqKV.write`
+scatters all layers into the ordinary contiguous cache once after prefill (that is the one all-gather
+of K/V), so decode runs on the full cache as before.
+
+The serving engine's page pool is split over sp (`Ring.paged_update`, `Ring.paged_attend`): rank r
+holds a contiguous range of page ids, a sequence's pages are dealt round robin over the ranks (block i
+on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
+partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
+layer. A prompt's first chunk (nothing cached before it) runs as a static prefill does, zigzag and
+ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers; a later chunk
+runs replicated over sp and attends to the split pool as decode does.
 """
 
 from __future__ import annotations
@@ -95,12 +102,15 @@ def ring_attention_local(q, k, v, q_pos, *, axis: str, size: int, sliding_window
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
-    """How the prefill's sequence is split: the mesh, the rules table (a sorted tuple of items, so a Ring
-    is hashable and can be a static jit argument) and the activation dtype (its name)."""
+    """How the sequence is split over sp: the mesh, the rules table (a sorted tuple of items, so a Ring
+    is hashable and can be a static jit argument), the activation dtype (its name), and for the serving
+    engine's decode the attention implementation over a rank's pages: "xla", or the Pallas kernel
+    ("pallas", or "interpret" on CPU) returning its partial max and sum."""
 
     mesh: Mesh
     rules: tuple
     dtype: str
+    decode_kernel: str = "xla"
 
     @property
     def size(self) -> int:
@@ -114,20 +124,107 @@ class Ring:
         return sharding.spec(logical, dict(self.rules))
 
     def constrain(self, x, *logical):
+        logical = [self._batch(n) if name == "batch" else name for name, n in zip(logical, x.shape)]
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(*logical)))
 
     def attention(self, q, k, v, q_pos, sliding_window):
         """q [B, T, N, H], k/v [B, T, K, H] (K = cache heads), q_pos [B, T], all in zigzag order and split
         on `seq` -> attention output [B, T, N, H] split alike."""
         body = functools.partial(ring_attention_local, axis=self.axis, size=self.size, sliding_window=sliding_window)
+        bn = self._batch(q.shape[0])  # (an engine's prefill chunk is one row, not split over dp)
         qs, ks, ps = (
-            self.spec("batch", "seq", "q_heads", None),
-            self.spec("batch", "seq", "cache_heads", None),
-            self.spec("batch", "seq"),
+            self.spec(bn, "seq", "q_heads", None),
+            self.spec(bn, "seq", "cache_heads", None),
+            self.spec(bn, "seq"),
         )
         return jax.shard_map(body, mesh=self.mesh, in_specs=(qs, ks, ks, ps), out_specs=qs, check_vma=False)(
             q, k, v, q_pos
         )
+
+    # --- the paged cache split over sp (the serving engine) -----------------------------------------
+
+    def _batch(self, b: int) -> str | None:
+        """The logical name "batch" when b rows split over its mesh axis, else None (a chunk is one row)."""
+        axis = dict(self.rules)["batch"]
+        return "batch" if axis is None or b % self.mesh.shape[axis] == 0 else None
+
+    def _pool_spec(self, pool):
+        values = self.spec("layers", "pages", None, "cache_heads", "head_dim")
+        if isinstance(pool, QuantKV):
+            return QuantKV(values, self.spec("layers", "pages", None, "cache_heads", None))
+        return values
+
+    def paged_update(self, k_pool, v_pool, k, v, pages, offsets, layer):
+        """Writes new keys/values k/v [B, T, K, H] at global page ids `pages` and `offsets` [B, T] of
+        `layer` into pools split over sp by page id (rank r holds ids [r*P/sp, (r+1)*P/sp)): each rank
+        writes the tokens whose page it holds and drops the others, so a new token's K/V lands on the
+        rank that owns its page with no collective over sp (every sp rank has computed it). Over dp the
+        rows are gathered first: every dp replica holds the whole pool, so each writes every row.
+        layer=None: k/v hold every layer, [L, B, T, K, H] (split on `seq` they are gathered first)."""
+        axis, every = self.axis, layer is None
+
+        def body(kp, vp, k, v, pages, offsets, layer):
+            n_local = kp.shape[1]
+            local = pages - jax.lax.axis_index(axis) * n_local
+            local = jnp.where((local >= 0) & (local < n_local), local, n_local)  # another rank's page: dropped
+            index = (slice(None) if every else layer, local, offsets)
+            return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
+
+        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        new = self.spec(*(["layers"] if every else []), None, None, "cache_heads", None)
+        idx = self.spec(None, None)
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=(*pools, new, new, idx, idx, P()), out_specs=pools, check_vma=False
+        )(k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32))
+
+    def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window):
+        """q [B, T, N, H] at positions q_pos [B, T] attends to its sequence's pages of `layer` in pools
+        split over sp. A sequence's pages are dealt round robin (block i on rank i % sp, see
+        jaxinfer/scheduler.py), so rank r reads only entries r, r + sp, ... of each block table: 1/sp of
+        the keys, its own pages. Each rank returns its unnormalised output, row max and row sum; one
+        all-gather over sp of those [B, T, N, H + 2] partials per layer, and a log-sum-exp merge on every
+        rank, give the output [B, T, N, H] (replicated over sp). A decode step (T = 1) without a sliding
+        window takes the Pallas kernel's partials when `decode_kernel` says so; the rest the XLA path."""
+        size, axis = self.size, self.axis
+        kernel = self.decode_kernel != "xla" and q.shape[1] == 1 and not sliding_window
+
+        def body(q, kp, vp, tables, q_pos, layer):
+            rank = jax.lax.axis_index(axis)
+            n_local, ps = kp.shape[1], kp.shape[2]
+            b, w = tables.shape
+            wr = -(-w // size)  # table entries each rank reads
+            tables = jnp.pad(tables, ((0, 0), (0, wr * size - w)))  # (padding: null-page entries, past every position)
+            mine = jax.lax.dynamic_index_in_dim(tables.reshape(b, wr, size), rank, axis=2, keepdims=False)  # [B, wr]
+            local = mine - rank * n_local
+            owned = (local >= 0) & (local < n_local)
+            local = jnp.where(owned, local, 0)
+            if kernel:
+                from pallas_kernels.paged_attention import paged_attention_partial
+
+                # Its rank's column of the table; entries past the length (the null page) it never reads.
+                interpret = self.decode_kernel == "interpret"
+                parts = paged_attention_partial(
+                    q[:, 0], kp, vp, q_pos[:, 0] + 1, local, layer, rank, ranks=size, interpret=interpret
+                )
+                return merge(*(a[:, None] for a in parts))  # [B, N, H], [B, N] x 2 -> with T = 1
+            k, v = (jax.tree.map(lambda a: a[layer, local].reshape(b, wr * ps, *a.shape[3:]), c) for c in (kp, vp))
+            key_pos = ((jnp.arange(wr) * size + rank)[:, None] * ps + jnp.arange(ps)).reshape(-1)  # [S]
+            visible = jnp.repeat(owned, ps, axis=1)[:, None, :] & (key_pos[None, None, :] <= q_pos[:, :, None])
+            if sliding_window:
+                visible &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+            return merge(*kv_cache.partial_attention(q, k, v, visible))  # [B, T, N, H], [B, T, N] x 2
+
+        def merge(out, m, total):
+            parts = jnp.concatenate([out, m[..., None], total[..., None]], axis=-1)  # [B, T, N, H + 2]
+            parts = jax.lax.all_gather(parts, axis)  # [sp, B, T, N, H + 2]: the layer's one collective over sp
+            return kv_cache.merge_partials(parts[..., :-2], parts[..., -2], parts[..., -1], q.dtype)
+
+        bn = self._batch(q.shape[0])
+        qs, rows = self.spec(bn, None, "q_heads", None), self.spec(bn, None)
+        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=(qs, *pools, rows, rows, P()), out_specs=qs, check_vma=False
+        )(q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32))
 
     def layout(self, tokens, positions):
         """tokens/positions [B, T] -> padded to a multiple of 2·sp (pad positions continue past T), in
@@ -142,6 +239,10 @@ class Ring:
         inverse = np.argsort(order)
         tokens, positions = (self.constrain(a[:, order], "batch", "seq") for a in (tokens, positions))
         return tokens, positions, order, inverse
+
+
+# A Ring rides in the paged cache's pytree (PagedKVCache.split) as static data, never as arrays.
+jax.tree_util.register_static(Ring)
 
 
 @jax.tree_util.register_dataclass
@@ -161,9 +262,14 @@ class SeqKV:
     def empty(cls, ring: Ring, cache: KVCache, t: int) -> SeqKV:
         """Room for t tokens of every layer of `cache` (a contiguous [L, B, K, S, H] cache)."""
         layers, b, kv_heads, _, head_dim = cache.k.shape
-        z = jnp.zeros((layers, b, t, kv_heads, head_dim), ring.dtype)
+        return cls.zeros(ring, (layers, b, t, kv_heads, head_dim), cache.k.dtype)
+
+    @classmethod
+    def zeros(cls, ring: Ring, shape: tuple[int, ...], cache_dtype) -> SeqKV:
+        """Room for K/V [L, B, T, K, H] bound for a cache stored in `cache_dtype`."""
+        z = jnp.zeros(shape, ring.dtype)
         z = ring.constrain(z, "layers", "batch", "seq", "cache_heads", None)
-        return cls(z, z, ring, str(np.dtype(cache.k.dtype)))
+        return cls(z, z, ring, str(np.dtype(cache_dtype)))
 
     def update(self, layer, k, v, q_pos) -> SeqKV:
         put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x.astype(c.dtype), layer, 0)  # noqa: E731
@@ -189,3 +295,9 @@ class SeqKV:
             return c.at[index].set(x.astype(c.dtype), mode="drop")
 
         return KVCache(put(cache.k, self.k), put(cache.v, self.v))
+
+    def write_pages(self, k_pool, v_pool, pages, offsets):
+        """Every layer's K/V into a page pool split over sp at global page ids `pages` and `offsets`
+        [B, T] (in this K/V's zigzag order): gathered over sp once after the layers, and each rank keeps
+        the tokens of its own pages (`Ring.paged_update`)."""
+        return self.ring.paged_update(k_pool, v_pool, self.k, self.v, pages, offsets, None)

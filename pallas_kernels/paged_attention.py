@@ -155,14 +155,19 @@ def _split(max_tokens: int, splits: int, block_tokens: int) -> tuple[int, int]:
     return -(-max_tokens // per_split), per_split
 
 
-def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, page_size, block_tokens, per_split):
+def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, page_size, block_tokens, per_split, ranks):
     # refs: (k_scales, v_scales,) for quantized pools, then the outputs acc, m, denom.
     ks_ref, vs_ref = refs[:-3] or (None, None)
     o_ref, m_ref, l_ref = refs[-3:]
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
+    length = lengths_ref[b]
     start = s * per_split
-    end = jnp.minimum(lengths_ref[b], start + per_split)
+    if ranks > 1:  # one rank's view: its table lists the sequence's blocks rank, rank + ranks, ...
+        rank = layer_ref[1]
+        blocks = (length + page_size - 1) // page_size
+        length = jnp.maximum(blocks - rank + ranks - 1, 0) // ranks * page_size  # tokens its blocks span
+    end = jnp.minimum(length, start + per_split)
     steps = (jnp.maximum(end - start, 0) + block_tokens - 1) // block_tokens  # int32 loop bound
     q = q_ref[...]  # [G, H]
     g, hd = q.shape
@@ -172,6 +177,8 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, page
         acc, m, denom = carry
         tok = start + i * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)  # [T]
         visible = tok < end
+        if ranks > 1:  # the last block may be partly filled: its global positions past the sequence weigh 0
+            visible &= ((tok // page_size) * ranks + rank) * page_size + tok % page_size < lengths_ref[b]
         tok = jnp.where(visible, tok, start)  # masked tokens read a real cache row, then weigh 0
         pages = tables_ref[b, tok // page_size]  # [T]: each token's page, gathered from the block table
         offsets = tok % page_size
@@ -198,12 +205,91 @@ def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs, page
     l_ref[...] = denom
 
 
+def merge_unnormalised(acc, m, denom):
+    """Log-sum-exp merge of per-split partials without the final division: acc [..., S, G, H], m and
+    denom [..., S, G] -> output [..., G, H], max and sum [..., G] (an empty split has m = MASK: weight 0)."""
+    top = m.max(axis=-2)  # [..., G]
+    weight = jnp.exp(m - top[..., None, :])
+    return (acc * weight[..., None]).sum(axis=-3), top, (denom * weight).sum(axis=-2)
+
+
 def merge(acc, m, denom):
     """Log-sum-exp merge of per-split partials: acc [..., S, G, H], m and denom [..., S, G] -> [..., G, H]."""
-    top = m.max(axis=-2, keepdims=True)  # [..., 1, G]
-    weight = jnp.exp(m - top)  # an empty split has m = MASK: weight 0
-    total = (acc * weight[..., None]).sum(axis=-3)
-    return total / jnp.maximum((denom * weight).sum(axis=-2), 1e-30)[..., None]
+    total, _, denom = merge_unnormalised(acc, m, denom)
+    return total / jnp.maximum(denom, 1e-30)[..., None]
+
+
+def _split_partials(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    block_tables,
+    layer,
+    k_scales,
+    v_scales,
+    *,
+    rank,
+    ranks,
+    interpret,
+    num_splits,
+    block_tokens,
+):
+    """The pallas_call: per-split unnormalised output [B, K, S, Gp, H], max and sum [B, K, S, Gp], and G."""
+    validate(q, k_pages, v_pages, lengths, block_tables, layer, k_scales, v_scales)
+    b, n, hd = q.shape
+    ps, kh = k_pages.shape[2], k_pages.shape[3]
+    if block_tokens < 1 or block_tokens & (block_tokens - 1):
+        raise ValueError(f"block_tokens={block_tokens} must be a power of two")
+    if not interpret and (hd < MIN_ROWS or hd & (hd - 1)):
+        raise ValueError(f"head_dim {hd} must be a power of two >= {MIN_ROWS} for the compiled kernel")
+    g = n // kh
+    gp = max(1 << (g - 1).bit_length(), 1 if interpret else MIN_ROWS)
+    qg = jnp.pad(q.reshape(b, kh, g, hd), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    max_tokens = block_tables.shape[1] * ps
+    if num_splits is None:
+        splits, per_split = plan(b, kh, max_tokens, block_tokens)
+    else:
+        splits, per_split = _split(max_tokens, num_splits, block_tokens)
+    whole = pl.BlockSpec(k_pages.shape, lambda i, h, s: (0,) * 5)
+    scale_pools = [] if k_scales is None else [x.reshape(k_pages.shape[:4]) for x in (k_scales, v_scales)]
+    whole_scales = pl.BlockSpec(k_pages.shape[:4], lambda i, h, s: (0,) * 4)
+    part = (None, None, None, gp)
+    scalars = jnp.reshape(layer, (1,)) if ranks == 1 else jnp.stack([jnp.asarray(layer), jnp.asarray(rank)])
+    acc, m, denom = pl.pallas_call(
+        functools.partial(_kernel, page_size=ps, block_tokens=block_tokens, per_split=per_split, ranks=ranks),
+        grid=(b, kh, splits),
+        in_specs=[
+            pl.BlockSpec(scalars.shape, lambda i, h, s: (0,)),
+            pl.BlockSpec((b,), lambda i, h, s: (0,)),
+            pl.BlockSpec(block_tables.shape, lambda i, h, s: (0, 0)),
+            pl.BlockSpec((None, None, gp, hd), lambda i, h, s: (i, h, 0, 0)),
+            whole,
+            whole,
+            *[whole_scales] * len(scale_pools),
+        ],
+        out_specs=[
+            pl.BlockSpec((*part, hd), lambda i, h, s: (i, h, s, 0, 0)),
+            pl.BlockSpec(part, lambda i, h, s: (i, h, s, 0)),
+            pl.BlockSpec(part, lambda i, h, s: (i, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kh, splits, gp, hd), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
+        ],
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=interpret,
+    )(
+        scalars.astype(jnp.int32),
+        lengths.astype(jnp.int32),
+        block_tables.astype(jnp.int32),
+        qg,
+        k_pages,
+        v_pages,
+        *scale_pools,
+    )
+    return acc, m, denom, g
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_splits", "block_tokens"))
@@ -227,60 +313,87 @@ def paged_attention(
     num_splits: KV splits per sequence (default: enough to fill an H100); block_tokens: tokens per loop
     step (a power of two)."""
     k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
-    validate(q, k_pages, v_pages, lengths, block_tables, layer, k_scales, v_scales)
     b, n, hd = q.shape
-    ps, kh = k_pages.shape[2], k_pages.shape[3]
-    if block_tokens < 1 or block_tokens & (block_tokens - 1):
-        raise ValueError(f"block_tokens={block_tokens} must be a power of two")
-    if not interpret and (hd < MIN_ROWS or hd & (hd - 1)):
-        raise ValueError(f"head_dim {hd} must be a power of two >= {MIN_ROWS} for the compiled kernel")
-    g = n // kh
-    gp = max(1 << (g - 1).bit_length(), 1 if interpret else MIN_ROWS)
-    qg = jnp.pad(q.reshape(b, kh, g, hd), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    max_tokens = block_tables.shape[1] * ps
-    if num_splits is None:
-        splits, per_split = plan(b, kh, max_tokens, block_tokens)
-    else:
-        splits, per_split = _split(max_tokens, num_splits, block_tokens)
-    whole = pl.BlockSpec(k_pages.shape, lambda i, h, s: (0,) * 5)
-    scale_pools = [] if k_scales is None else [x.reshape(k_pages.shape[:4]) for x in (k_scales, v_scales)]
-    whole_scales = pl.BlockSpec(k_pages.shape[:4], lambda i, h, s: (0,) * 4)
-    part = (None, None, None, gp)
-    acc, m, denom = pl.pallas_call(
-        functools.partial(_kernel, page_size=ps, block_tokens=block_tokens, per_split=per_split),
-        grid=(b, kh, splits),
-        in_specs=[
-            pl.BlockSpec((1,), lambda i, h, s: (0,)),
-            pl.BlockSpec((b,), lambda i, h, s: (0,)),
-            pl.BlockSpec(block_tables.shape, lambda i, h, s: (0, 0)),
-            pl.BlockSpec((None, None, gp, hd), lambda i, h, s: (i, h, 0, 0)),
-            whole,
-            whole,
-            *[whole_scales] * len(scale_pools),
-        ],
-        out_specs=[
-            pl.BlockSpec((*part, hd), lambda i, h, s: (i, h, s, 0, 0)),
-            pl.BlockSpec(part, lambda i, h, s: (i, h, s, 0)),
-            pl.BlockSpec(part, lambda i, h, s: (i, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, kh, splits, gp, hd), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
-        ],
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-        interpret=interpret,
-    )(
-        jnp.reshape(layer, (1,)).astype(jnp.int32),
-        lengths.astype(jnp.int32),
-        block_tables.astype(jnp.int32),
-        qg,
+    acc, m, denom, g = _split_partials(
+        q,
         k_pages,
         v_pages,
-        *scale_pools,
+        lengths,
+        block_tables,
+        layer,
+        k_scales,
+        v_scales,
+        rank=0,
+        ranks=1,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_tokens=block_tokens,
     )
     out = merge(acc, m, denom)  # [B, K, Gp, H]
     return out[:, :, :g].reshape(b, n, hd).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("ranks", "interpret", "num_splits", "block_tokens"))
+def paged_attention_partial(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    block_tables,
+    layer,
+    rank,
+    k_scales=None,
+    v_scales=None,
+    *,
+    ranks: int,
+    interpret: bool = False,
+    num_splits=None,
+    block_tokens=64,
+):
+    """One rank's share of `paged_attention` for a cache whose sequences' pages are dealt round robin over
+    `ranks` (sequence parallelism): `block_tables` [B, W] lists the pages of blocks rank, rank + ranks,
+    rank + 2·ranks, ... of each sequence (`rank` a scalar, may be traced), `lengths` [B] the sequences'
+    whole lengths. Returns the unnormalised output [B, N, H], the running max and the sum [B, N], all
+    float32, for a log-sum-exp merge with the other ranks' (a rank with no visible token returns max
+    MASK and sum 0)."""
+    k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
+    b, n, hd = q.shape
+    acc, m, denom, g = _split_partials(
+        q,
+        k_pages,
+        v_pages,
+        lengths,
+        block_tables,
+        layer,
+        k_scales,
+        v_scales,
+        rank=rank,
+        ranks=ranks,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_tokens=block_tokens,
+    )
+    out, top, total = merge_unnormalised(acc, m, denom)  # [B, K, Gp, H], [B, K, Gp] x 2
+    return out[:, :, :g].reshape(b, n, hd), top[:, :, :g].reshape(b, n), total[:, :, :g].reshape(b, n)
+
+
+def reference_partial(q, k_pages, v_pages, lengths, block_tables, layer, rank, k_scales=None, v_scales=None, *, ranks):
+    """Pure jnp `paged_attention_partial`: unnormalised output [B, N, H], max and sum [B, N] (float32)."""
+    k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
+    validate(q, k_pages, v_pages, lengths, block_tables, layer, k_scales, v_scales)
+    b, n, hd = q.shape
+    ps, kh = k_pages.shape[2], k_pages.shape[3]
+    k = _gather(k_pages, k_scales, layer, block_tables)  # [B, W*ps, K, H]
+    v = _gather(v_pages, v_scales, layer, block_tables)
+    qg = q.reshape(b, kh, n // kh, hd)
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    tok = jnp.arange(k.shape[1])
+    position = ((tok // ps) * ranks + rank) * ps + tok % ps
+    logits = jnp.where((position[None, :] < lengths[:, None])[:, None, None], logits, MASK)
+    top = logits.max(axis=-1)
+    p = jnp.exp(logits - top[..., None]) * (logits > MASK)  # a row with nothing visible sums to 0
+    out = jnp.einsum("bkgs,bskh->bkgh", p, v.astype(jnp.float32))
+    return out.reshape(b, n, hd), top.reshape(b, n), p.sum(axis=-1).reshape(b, n)
 
 
 def _quantized(x, dtype, qmax: float):

@@ -87,3 +87,29 @@ def test_validator_names_the_mismatch():
         pa.reference(jnp.zeros((2, 4, 8)), pool[0], pool[0], lengths, tables, 0)
     with pytest.raises(ValueError, match="head_dim 8 must be a power of two >= 16 for the compiled kernel"):
         pa.paged_attention(jnp.zeros((2, 4, 8)), pool, pool, lengths, tables, 0)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_partials_merge_to_the_whole_result(ranks):
+    """Sequence parallelism: each rank reads blocks rank, rank + ranks, ... of every sequence (its own
+    column of the block table) and returns unnormalised partials; their log-sum-exp merge is the whole."""
+    rng = np.random.default_rng(ranks)
+    q, k, v, tables = _case(rng, jnp.float32, 3, 8, 2, 16, 4, 12)
+    lengths = jnp.asarray([3, 29, 48])  # one page only (the other ranks see nothing), mid-page, full
+    parts = []
+    with jax.default_matmul_precision("highest"):
+        want = pa.reference(q, k, v, lengths, tables, 1)
+        for rank in range(ranks):
+            mine = tables[:, rank::ranks]
+            got = pa.paged_attention_partial(
+                q, k, v, lengths, mine, 1, jnp.int32(rank), ranks=ranks, interpret=INTERPRET, num_splits=2
+            )
+            ref = pa.reference_partial(q, k, v, lengths, mine, 1, rank, ranks=ranks)
+            for g, r in zip(got, ref):
+                np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5)
+            parts.append(got)
+    out, m, total = (jnp.stack(a) for a in zip(*parts))
+    weight = jnp.exp(m - m.max(axis=0))
+    merged = (out * weight[..., None]).sum(0) / (total * weight).sum(0)[..., None]
+    np.testing.assert_allclose(merged, want, atol=2e-5, rtol=2e-5)
+    assert float(parts[-1][2][0].max()) == 0.0  # sequence 0's one page is rank 0's: the last rank adds nothing

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxinfer.errors import JaxinferError
 from jaxinfer.outputs import Row, Stops
 from jaxinfer.sampling import SamplingParams, seed_key
 from jaxinfer.scheduler import Request, Scheduler
@@ -169,3 +170,32 @@ def test_a_lost_cache_sends_everything_back_to_wait():
 @pytest.mark.parametrize("slots_in_use, rows", [(1, 1), (2, 2), (3, 4), (5, 8), (9, 8)])
 def test_decode_rows_are_powers_of_two_of_the_slots_in_use(slots_in_use, rows):
     assert make(max_num_seqs=8).decode_rows(slots_in_use) == rows
+
+
+def test_pages_split_over_sp_ranks_are_dealt_round_robin_and_stay_so_from_the_prefix_cache():
+    s = Scheduler(16, 4, 4, 16, 4, page_ranks=2)  # rank 0 holds pages 0-7 (0 is the null page), rank 1 pages 8-15
+    prompt = list(range(3, 30))  # 27 tokens: 6 full pages cached
+    a = add(s, prompt, max_tokens=8)
+    held = []
+    while s.has_work():
+        step(s)
+        held = a.pages or held
+    assert len(held) == 9 and [p // 8 for p in held] == [i % 2 for i in range(9)]  # 27 + 8 + 4 tokens
+    assert s.free_pages() == 15 and [s.pages.available(r) for r in (0, 1)] == [7, 8]
+    b = add(s, prompt[:24] + [99, 98, 97], max_tokens=8)
+    step(s)
+    assert s.pages.hits == 6 and b.pages[:6] == held[:6]
+    assert [p // 8 for p in b.pages] == [i % 2 for i in range(len(b.pages))]
+    run_all(s)
+    assert s.free_pages() == 15
+
+
+def test_a_request_must_fit_each_sp_rank():
+    # 15 usable pages, but a request of 15 pages needs 8 on rank 0, which has 7 (beside the null page).
+    s = Scheduler(16, 4, 4, 16, 4, page_ranks=2)
+    s.check_fits(44, 8)  # 13 pages: 7 on rank 0
+    with pytest.raises(JaxinferError, match=r"15 pages of 4 tokens \(8 on the first of the sp=2 ranks, which holds 7"):
+        s.check_fits(48, 8)
+    Scheduler(16, 4, 4, 16, 4).check_fits(48, 8)  # one rank: all 15 pages are its own
+    with pytest.raises(JaxinferError, match="num_pages=15 does not split over 2 sp ranks"):
+        Scheduler(15, 4, 4, 16, 4, page_ranks=2)

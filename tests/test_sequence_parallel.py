@@ -1,11 +1,13 @@
-"""Sequence parallelism for prefill (models/ring_attention.py): the prompt split over `sp` in zigzag order,
-ring attention, and logits and greedy tokens equal to one device's."""
+"""Sequence parallelism (models/ring_attention.py): prefill with the prompt split over `sp` in zigzag order
+and ring attention, and the serving engine over a page pool split over `sp`; logits and greedy tokens
+equal to one device's."""
 
 import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import JaxinferError, hlo, steps
+from jaxinfer import JaxinferError, explain, hlo, steps
+from models.kv_cache import PagedKVCache
 from models.ring_attention import zigzag_order
 from tests.tiny import rel_err
 
@@ -98,12 +100,162 @@ def test_prefill_hlo_passes_kv_around_the_ring_and_gathers_it_only_after_the_lay
 
 
 def test_sp_errors(llama3, tiny_dir):
-    llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=2)
-    with pytest.raises(JaxinferError, match="generate_static and score only"):
-        llm.generate([PROMPT[:10]], jaxinfer.SamplingParams(max_tokens=2))
+    with pytest.raises(JaxinferError, match="num_pages=30 does not split over sp=4.*num_pages=32"):
+        jaxinfer.LLM(llama3, sp=4, num_pages=30)
+    with pytest.raises(JaxinferError, match="num_pages=2 does not split over sp=2.*at least 2"):
+        jaxinfer.LLM(llama3, sp=2, num_pages=2)
     with pytest.raises(JaxinferError, match="sp=3 does not divide the 8 devices"):
         jaxinfer.LLM(llama3, sp=3)
     with pytest.raises(JaxinferError, match="sp=2 with pp=3"):
         jaxinfer.LLM(llama3, sp=2, pp=3)
     with pytest.raises(JaxinferError, match="dense models only"):
         jaxinfer.LLM(str(tiny_dir("mixtral")), sp=2)
+
+
+# --- the serving engine over a page pool split over sp ---------------------------------------------
+
+# 200-token prompts in chunks of 64: prefill runs in four chunks, then 40 tokens of decode (5 calls of 8).
+ENGINE = dict(max_seq_len=MAX_SEQ, max_num_seqs=4, page_size=16, num_pages=32, prefill_chunk=64)
+DECODE = jaxinfer.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=True, top_logprobs=8)
+PROMPTS = [PROMPT, PROMPT[20:190]]  # decoded side by side in one batch
+PREFIXED = PROMPT[:160] + PROMPT[:30]  # its first 10 pages are cached by the first prompt
+
+
+@pytest.fixture(scope="module")
+def engine_ref(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE)
+    return llm.generate(PROMPTS, DECODE) + llm.generate([PREFIXED], DECODE)
+
+
+def _assert_same(got, ref):
+    assert len(got.token_ids) == 40
+    assert got.token_ids == ref.token_ids
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
+    for g, r in zip(got.top_logprobs, ref.top_logprobs):  # the 8 most likely tokens' log-softmax of each step
+        assert list(g) == list(r)
+        assert rel_err(np.array(list(g.values())), np.array(list(r.values()))) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [dict(sp=2), dict(sp=4), dict(sp=2, tp=2), dict(sp=2, dp=2)],
+    ids=["sp2", "sp4", "sp2xtp2", "sp2xdp2"],
+)
+def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes, monkeypatch):
+    llm = jaxinfer.LLM(llama3, **ENGINE, **axes)
+    sp = axes["sp"]
+    pool = llm.engine.cache_k
+    assert pool.sharding.shard_shape(pool.shape)[1] == ENGINE["num_pages"] // sp  # each rank holds 1/sp of the pages
+    ring_chunks = []
+    ring_step = steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
+    for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
+        _assert_same(got, ref)
+    # Each prompt's first chunk ran split over sp (ring attention); its later chunks read the split pages.
+    assert [int(p[0, 0]) for p in ring_chunks] == [0, 0]
+    hits = llm.engine.pages.hits
+    _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
+    assert llm.engine.pages.hits - hits == 10  # the shared prefix came from the cache, from the pages' own ranks
+    assert len(ring_chunks) == 2  # a chunk after a cached prefix reads it: not the ring
+
+
+def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, unroll_layers=False)
+    cfg, eng, s, w = llm.config, llm.engine, 4, 16
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), s, s)
+    tables, valid = np.zeros((s, w), np.int32), np.ones((s, 1), bool)
+    cache = PagedKVCache(eng.cache_k, eng.cache_v, tables, valid, llm.setup.page_split)
+    col = llm._put(np.zeros(s, np.int32))
+    text = (
+        steps.decode.lower(eng.graphdef, llm.state, cache, col, col, sampling, n_steps=8, greedy_only=True)
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    # out, max and sum of every (row, head) from each of the 2 ranks: [2, B, 1, N, H + 2] float32
+    assert [(c.kind, c.bytes) for c in in_layer] == [("all-gather", 2 * s * cfg.num_heads * (cfg.head_dim + 2) * 4)]
+    assert len(ops) == 1  # nothing else crosses devices; no K/V page is ever gathered
+    # A prefill chunk attends over its pages the same way (its one row is not split over dp).
+    text = (
+        steps.prefill_chunk.lower(
+            eng.graphdef,
+            llm.state,
+            eng.cache_k,
+            eng.cache_v,
+            np.zeros((1, w), np.int32),
+            np.ones((1, 64), bool),
+            np.zeros((1, 64), np.int32),
+            np.zeros((1, 64), np.int32),
+            split=llm.setup.page_split,
+        )
+        .compile()
+        .as_text()
+    )
+    partials = 2 * 64 * cfg.num_heads * (cfg.head_dim + 2) * 4  # of its 64 tokens, from each rank
+    assert [(c.kind, c.bytes) for c in hlo.collectives(text)] == [("all-gather", partials)]
+
+
+def test_explain_kv_bytes_per_token_fall_with_sp(llama3):
+    one = explain.explain(llama3, dict(), prompt_len=64, gen_len=16)["per_device"]["kv_cache_bytes_per_token"]
+    four = explain.explain(llama3, dict(sp=4), prompt_len=64, gen_len=16)["per_device"]["kv_cache_bytes_per_token"]
+    assert one == 2 * 3 * 4 * 8 * 4  # k and v, 3 layers, 4 kv heads of 8, float32
+    assert four * 4 == one
+
+
+def test_engine_over_sp_with_the_pallas_kernel_in_interpret_mode(llama3, engine_ref):
+    """Decode steps take the kernel's partials (its rank's column of the block table, unnormalised output,
+    max and sum), merged across sp as the XLA path's are."""
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, attention="interpret")
+    assert llm.setup.page_split.decode_kernel == "interpret"
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    got = llm.generate([PROMPTS[1]], params)[0]
+    assert got.token_ids == engine_ref[1].token_ids[:16]
+    np.testing.assert_allclose(got.logprobs, engine_ref[1].logprobs[:16], rtol=1e-4, atol=1e-5)
+
+
+def test_a_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, unroll_layers=False)
+    cfg, eng, t = llm.config, llm.engine, 64
+    text = (
+        steps.prefill_chunk_ring.lower(
+            eng.graphdef,
+            llm.state,
+            eng.cache_k,
+            eng.cache_v,
+            np.zeros((1, 16), np.int32),
+            np.ones((1, t), bool),
+            np.zeros((1, t), np.int32),
+            np.zeros((1, t), np.int32),
+            split=llm.setup.page_split,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = (t // 2) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of the chunk, one layer
+    assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 2  # sp - 1 = 1 step: k, v
+    # After the layers the chunk's K/V of every layer is gathered once (k and v); each rank keeps its pages.
+    kv = [c for c in ops if c not in in_layer and c.bytes >= block]
+    assert [(c.kind, c.bytes) for c in kv] == [("all-gather", cfg.num_layers * 2 * block)] * 2
+
+
+@pytest.mark.parametrize(
+    "arch, options, tol",
+    [("mistral", {}, 1e-4), ("llama3", dict(kv_cache_dtype="int8"), 2e-3)],
+    ids=["sliding-window", "int8-kv"],
+)
+def test_engine_over_sp_with_a_sliding_window_or_an_int8_cache(tiny_dir, arch, options, tol):
+    """The split pool's masks follow a sliding window (8 tokens here, much shorter than the prompt), and
+    its scales come with the pages. int8: not 1e-4, see test_score_with_an_int8_kv_cache_matches_one_device."""
+    path = str(tiny_dir(arch))
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    prompts = [PROMPT[:150], PROMPT[100:177]]
+    ref = jaxinfer.LLM(path, **ENGINE, **options).generate(prompts, params)
+    got = jaxinfer.LLM(path, **ENGINE, **options, sp=2).generate(prompts, params)
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+        np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=tol, atol=tol)
