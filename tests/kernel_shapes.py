@@ -27,6 +27,15 @@ KV_QUANT_DTYPES = ("int8", "float8_e4m3fn")
 ATTENTION_QUANT_TEST = [ATTENTION_TEST[0], ATTENTION_TEST[3], ATTENTION_TEST[4]]
 ATTENTION_QUANT_REAL = [("llama3-8b", 32, 32, 16, 1, 32768), ("llama3-8b", 32, 32, 16, 64, 8192)]
 
+# One sp rank's share of paged attention (sequence parallelism: pages dealt round robin over `ranks`):
+# two test shapes and Llama-3-8B decode, bf16: (name, heads, kv heads, head_dim, page, batch, context, ranks).
+ATTENTION_PARTIAL = [
+    ("test", 8, 2, 32, 4, 3, 80, 2),
+    ("test", 9, 3, 64, 16, 1, 256, 4),
+    ("llama3-8b", 32, 8, 128, 16, 1, 32768, 4),
+    ("llama3-8b", 32, 8, 128, 16, 64, 8192, 2),
+]
+
 # Grouped matmul: (id, rows M, K, N, group sizes, (block_m, block_n, block_k) or None for the defaults).
 DECODE_SIZES = [0] * 128  # 128 experts, 9 of them hit by a few decode rows, the rest empty
 for _expert, _rows in zip((3, 4, 17, 40, 41, 77, 90, 126, 127), (2, 1, 4, 3, 1, 2, 5, 1, 3)):

@@ -63,6 +63,19 @@ def cases() -> list[dict]:
             pps = ctx // ps
             name = f"{name} batch {b} context {ctx} page {ps} {kv} cache"
             out.append(_attention(name, b, heads, 8, 128, layers, b * pps + 1, ps, pps, "bfloat16", kv))
+    for name, n, kh, hd, ps, b, ctx, ranks in shapes.ATTENTION_PARTIAL:
+        w = ctx // ps // ranks  # the rank's column of the block table
+        pool = [2, b * w + 1, ps, kh, hd]
+        args = [([b, n, hd], "bfloat16"), (pool, "bfloat16"), (pool, "bfloat16"), ([b], "int32"), ([b, w], "int32")]
+        out.append(
+            {
+                "name": f"paged_attention_partial {name} batch {b} context {ctx} page {ps} of {ranks} ranks",
+                "kernel": "paged_attention_partial",
+                "args": args + [([], "int32"), ([], "int32")],  # layer, rank
+                "dtype": "bfloat16",
+                "kwargs": {"ranks": ranks},
+            }
+        )
     return out
 
 
@@ -96,7 +109,11 @@ def lower(case: dict) -> list[dict]:
 
     from pallas_kernels import moe, paged_attention
 
-    fn = {"paged_attention": paged_attention.paged_attention, "grouped_matmul": moe.grouped_matmul}[case["kernel"]]
+    fn = {
+        "paged_attention": paged_attention.paged_attention,
+        "paged_attention_partial": paged_attention.paged_attention_partial,
+        "grouped_matmul": moe.grouped_matmul,
+    }[case["kernel"]]
     fn = functools.partial(fn, **case.get("kwargs", {}))
     modules = []
     original = lowering.lower_jaxpr_to_triton_module
