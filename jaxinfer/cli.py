@@ -96,6 +96,16 @@ flags.DEFINE_integer("max_queue", None, "serve: requests that may wait beyond th
 flags.DEFINE_string("served_model_name", None, "serve: the model name clients send (default: --model).")
 flags.DEFINE_float("drain_timeout_s", 30.0, "serve: on SIGTERM/SIGINT, how long running requests get to finish.")
 flags.DEFINE_integer("max_body_bytes", 4 * 2**20, "serve: largest request body accepted; larger get 413.")
+flags.DEFINE_string("gpu", "h100-sxm", "plan: a GPU kind of jaxinfer/hardware.toml (or --hardware): h100-sxm, cpu...")
+flags.DEFINE_integer("gpus_per_node", 8, "plan: GPUs in each node.")
+flags.DEFINE_integer("nodes", 1, "plan: nodes in the cluster.")
+flags.DEFINE_integer("isl", 2048, "plan: input (prompt) tokens per request.")
+flags.DEFINE_integer("osl", 256, "plan: output tokens per request.")
+flags.DEFINE_float("tpot_ms", 50.0, "plan: time-per-output-token target in milliseconds.")
+flags.DEFINE_float("ttft_ms", None, "plan: time-to-first-token target in milliseconds (optional).")
+flags.DEFINE_string("calibrate", None, "plan: a `jaxinfer bench --json` report (fitted) or a calibration file.")
+flags.DEFINE_string("hardware", None, "plan: a TOML file of GPU kinds laid out like jaxinfer/hardware.toml.")
+flags.DEFINE_float("gpu_memory_utilization", 0.9, "plan: share of each GPU's memory weights, activations and KV take.")
 
 USAGE = """usage: jaxinfer <command> [--flags]
 
@@ -105,6 +115,7 @@ commands:
   explain    compile prefill and decode on the mesh without weights: memory and collectives per device
   bench      measure TTFT, TPOT, tokens/s and memory-bandwidth utilisation for --batch_sizes
   serve      an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) over --replicas
+  plan       choose tp x pp x ep x replicas x quant for --model on --nodes x --gpus_per_node --gpu at a --tpot_ms
 
 Logs go to stderr, completions to stdout. Example:
   jaxinfer generate --tp=3 --chat --prompt="What is the capital of France?"
@@ -297,12 +308,34 @@ def cmd_serve() -> None:
     )
 
 
+def cmd_plan() -> None:
+    from jaxinfer import plan
+
+    request = plan.Request(
+        model=FLAGS.model,
+        gpu=FLAGS.gpu,
+        gpus_per_node=FLAGS.gpus_per_node,
+        nodes=FLAGS.nodes,
+        isl=FLAGS.isl,
+        osl=FLAGS.osl,
+        tpot_ms=FLAGS.tpot_ms,
+        ttft_ms=FLAGS.ttft_ms,
+        quant=FLAGS.quant,
+        hardware=FLAGS.hardware,
+        gpu_memory_utilization=FLAGS.gpu_memory_utilization,
+        calibrate=FLAGS.calibrate,
+    )
+    result = plan.plan(request)
+    print(plan.to_json(result) if FLAGS.json else plan.format_plan(result))
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "convert": cmd_convert,
     "explain": cmd_explain,
     "bench": cmd_bench,
     "serve": cmd_serve,
+    "plan": cmd_plan,
 }
 
 

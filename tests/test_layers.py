@@ -34,6 +34,7 @@ LAYERS = {
     "jaxinfer.llm": 7,
     "jaxinfer.explain": 7,
     "jaxinfer.bench": 8,
+    "jaxinfer.plan": 8,  # beside bench: explain's figures, bench's peaks and results
     # the OpenAI server: request checking and the backend interface, the router, then the replica
     # workers (each runs an LLM), then the HTTP app that the CLI starts
     "jaxinfer.serving": 8,
