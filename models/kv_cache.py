@@ -81,19 +81,25 @@ def _operand(c, dtype):
     return c.values.astype(dtype), c.scales[..., 0][:, :, None, None, :]
 
 
+def _scores(q, k):
+    """q [B, T, N, H] against one layer's keys [B, K, S, H] (array or QuantKV) -> float32 scores
+    [B, K, G, T, S] (G = N / K query heads per key head), the keys' scales applied column-wise."""
+    b, t, n, hd = q.shape
+    k, k_scale = _operand(k, q.dtype)
+    kh = k.shape[1]
+    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    return scores if k_scale is None else scores * k_scale
+
+
 def attention(q, k, v, q_pos, sliding_window):
     """q [B, T, N, H] against one layer's keys/values [B, K, S, H] (arrays or QuantKV); key s is visible
     to a query at position p when s <= p (and p - s < window). Quantized keys/values are scaled on the
     scores and probabilities column-wise: the same as attending to values * scales, without making that
     dequantized copy of the layer."""
     b, t, n, hd = q.shape
-    k, k_scale = _operand(k, q.dtype)
+    scores = _scores(q, k)
     v, v_scale = _operand(v, q.dtype)
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    if k_scale is not None:
-        scores = scores * k_scale
     key_pos = jnp.arange(k.shape[2])
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if sliding_window:
@@ -113,13 +119,8 @@ def partial_attention(q, k, v, visible):
     key here has max -inf and sum 0, so it weighs nothing in the merge."""
     b, t, n, hd = q.shape
     k, v = (jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), c) for c in (k, v))  # [B, K, S, H]
-    k, k_scale = _operand(k, q.dtype)
+    scores = _scores(q, k)
     v, v_scale = _operand(v, q.dtype)
-    kh = k.shape[1]
-    q = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    if k_scale is not None:
-        scores = scores * k_scale
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     m = jnp.max(scores, axis=-1)  # [B, K, G, T]
     p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
