@@ -1,0 +1,221 @@
+"""`plan`: the search rules, memory from explain's shardings, collectives from the compiled HLO, the
+output's keys, every bad input's message, and the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from jaxinfer import config as config_lib
+from jaxinfer import explain, plan
+from jaxinfer.errors import JaxinferError
+from jaxinfer.runtime import prepare
+
+
+def _req(model="llama3-8b", **kw):
+    base = dict(model=model, gpu="h100-sxm", gpus_per_node=8, nodes=1, isl=1024, osl=256, tpot_ms=50.0)
+    return plan.Request(**{**base, **kw})
+
+
+def _planner(req):
+    hw = plan.load_hardware(req.gpu)
+    return plan.Planner(req, hw, plan.load_calibration(hw.calibration), "bfloat16")
+
+
+def test_hardware_table_gives_a_source_for_every_figure():
+    table = tomllib.loads(plan.HARDWARE.read_text())
+    assert {"h100-sxm", "h100-pcie", "h200", "a100-80gb", "b200", "cpu"} <= set(table)
+    for kind, entry in table.items():
+        for key in plan._NUMBERS:
+            assert key in entry, (kind, key)
+            if entry[key] != 0 or key.endswith("tflops") or key.endswith("tops"):
+                assert entry["source"].get(key), f"{kind}.{key} has no source"
+    h100 = plan.load_hardware("h100-sxm")
+    assert (h100.memory, h100.bandwidth, h100.intra_bw) == (80e9, 3.35e12, 450e9)
+    assert (h100.flops("fp8"), h100.flops("none"), h100.flops("int8")) == (1979e12, 989e12, 989e12)
+    assert plan.load_hardware("a100-80gb").flops("fp8") == 312e12  # no fp8 tensor cores: bf16 rate
+
+
+def test_search_rules():
+    p = _planner(_req("llama3-70b", nodes=2))
+    cands, rejected = p.candidates(("none",))
+    cfg = p.cfg
+    assert cands and all(
+        cfg.num_heads % tp == 0 and tp <= 8 and cfg.num_layers % pp == 0 and ep == 1 for tp, ep, pp, _ in cands
+    )
+    assert {tp for tp, *_ in cands} == {1, 2, 4, 8}
+    assert {pp for tp, _, pp, _ in cands if tp == 8} == {1, 2}  # 16 GPUs
+    assert (1, 1, 16, "none") in cands and (2, 1, 5, "none") not in cands  # 10 GPUs would not be whole nodes
+    assert rejected[0].startswith("tp=16,32,64: TP across nodes (tp must be <= --gpus_per_node=8)")
+    moe = _planner(_req("qwen3-30b-a3b"))
+    cands, _ = moe.candidates(("none",))
+    assert {ep for _, ep, _, _ in cands} == {1, 2, 4, 8}
+    assert all(128 % ep == 0 and tp * ep * pp <= 8 and 48 % pp == 0 for tp, ep, pp, _ in cands)
+    # tp must divide the heads and divide, or be a multiple of, the kv heads
+    odd = config_lib.ModelConfig("llama", 100, 48, 96, 4, 12, 4, 4)
+    assert plan.tp_problem(odd, 6) == "neither divides nor is a multiple of the 4 kv heads"
+    assert plan.tp_problem(odd, 12) is None and plan.tp_problem(odd, 5).startswith("does not divide the 12")
+
+
+def test_memory_per_pp_equals_the_sharded_figures():
+    p = _planner(_req())
+    mem = p.memory_of(2, 1, "fp8")
+    real = prepare("llama3-8b", dict(tp=2, pp=2), dtype="bfloat16", random_weights=True, quant="fp8")
+    assert mem.weights(2) == explain.per_device_param_bytes(real)
+    assert mem.weights(1) == explain.per_device_param_bytes(mem.setup)
+    # one token's k and v: 32 layers x 8 kv heads x 128 x 2 x bf16, split over tp and pp
+    assert mem.kv_per_token == 32 * 8 * 128 * 2 * 2 // 2
+    assert mem.other_read(3) == pytest.approx(explain.step_param_bytes(mem.setup, 3) - mem.stacked_read(3))
+
+
+def test_collectives_are_read_with_the_mesh_axes_they_cross():
+    p = _planner(_req())
+    prog = p.program(2, 1, 2)
+    assert prog.compiled
+    layer = [c for c in prog.decode if c.in_layer]
+    assert layer and {c.axes for c in layer} == {frozenset({"tp"})}
+    # two all-reduces of B x D per layer (weight: one per layer-loop body)
+    assert sum(c.weight for c in layer if c.kind == "all-reduce") == pytest.approx(2)
+    assert {c.bytes_per_token for c in layer} == {4096 * 2}
+    permutes = [c for c in prog.decode if c.kind == "collective-permute"]
+    assert permutes and all(c.axes == frozenset({"pp"}) for c in permutes)
+    line = "x = f32[1] all-reduce(y), replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0'}, to_apply=a"
+    assert plan.replica_groups(line) == [[0, 3], [1, 4], [2, 5]]
+    line = "x = f32[1] all-reduce(y), replica_groups=mesh['a'=4,'b'=1,'c'=2], device_ids=([2,4]T(1,0)) {'a'}, x"
+    assert plan.replica_groups(line) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert plan.replica_groups("x = f32[2] all-reduce(y), replica_groups=[2,4]<=[4,2]T(1,0), to_apply=a") == [
+        [0, 2, 4, 6],
+        [1, 3, 5, 7],
+    ]
+
+
+def test_405b_bf16_needs_two_nodes_fp8_fits_one():
+    with pytest.raises(JaxinferError) as e:
+        plan.plan(_req("llama3-405b", quant="none", tpot_ms=200))
+    msg = str(e.value)
+    assert "llama3-405b does not fit 1 node(s) of 8 h100-sxm" in msg
+    assert "the smallest cluster that holds it is 2 nodes (tp=8 pp=2 none" in msg and "--nodes=2" in msg
+    p = _planner(_req("llama3-405b", tpot_ms=200))
+    row = p.evaluate(8, 1, 1, "fp8")  # one node, tp=8
+    assert 50e9 < row["weight_bytes_per_gpu"] < 0.9 * 80e9 and row["max_concurrent_seqs"] >= 1
+    assert row["meets_targets"] and row["tpot_ms"] <= 200
+    assert p.evaluate(8, 1, 1, "none")["max_concurrent_seqs"] == 0
+
+
+def test_json_keys_and_the_recommendation_meets_the_targets():
+    r = plan.plan(_req(gpus_per_node=2, quant="auto", tpot_ms=30, ttft_ms=1000))
+    out = json.loads(plan.to_json(r))
+    assert set(out) == {"configs", "recommended", "why", "inputs"}
+    assert all(list(c) == list(plan.CONFIG_KEYS) for c in out["configs"])
+    rec = out["recommended"]
+    assert rec["meets_targets"] and rec["tpot_ms"] <= 30 and rec["ttft_ms"] <= 1000
+    meeting = [c for c in out["configs"] if c["meets_targets"]]
+    assert rec["tokens_per_s_per_gpu"] == max(c["tokens_per_s_per_gpu"] for c in meeting)
+    assert {c["quant"] for c in out["configs"]} == {"none", "fp8", "int8"}
+    for c in out["configs"]:
+        assert c["gpus_per_replica"] == c["tp"] * c["pp"] * c["ep"] * c["sp"]
+        assert c["replicas"] == 2 // c["gpus_per_replica"]
+        assert c["kv_bytes_per_gpu"] + c["weight_bytes_per_gpu"] <= 0.9 * 80e9
+    assert out["why"].startswith(plan._describe(r["_rows"][0]))
+    text = plan.format_plan(r)
+    assert "recommended: " in text and "rejected: " in text
+
+
+def test_bad_input_names_the_value_and_the_fix(tmp_path):
+    with pytest.raises(JaxinferError, match=r"--gpu='tpu-v5' is not in .*known: a100-80gb, b200, cpu, h100-pcie"):
+        plan.plan(_req(gpu="tpu-v5"))
+    with pytest.raises(
+        JaxinferError, match=r"--isl=8000 \+ --osl=500 = 8500 tokens exceed llama3-8b's context of 8192"
+    ):
+        plan.plan(_req(isl=8000, osl=500))
+    with pytest.raises(JaxinferError, match=r"--gpu_memory_utilization=1.5 must be in \(0, 1\]"):
+        plan.plan(_req(gpu_memory_utilization=1.5))
+    with pytest.raises(JaxinferError, match=r"--tpot_ms=0 must be a positive number"):
+        plan.plan(_req(tpot_ms=0))
+    with pytest.raises(JaxinferError) as e:
+        plan.plan(_req(gpus_per_node=2, quant="fp8", tpot_ms=0.5))
+    m = str(e.value)
+    assert m.startswith("no configuration meets --tpot_ms=0.5: the best achievable is TPOT ")
+    best = float(m.split("TPOT ")[1].split(" ms")[0])
+    assert best > 0.5 and "with tp=2 pp=1 fp8 at batch 1" in m
+    bad = tmp_path / "hw.toml"
+    bad.write_text('[mine]\nmemory_gb = "lots"\n')
+    with pytest.raises(JaxinferError, match=r"\[mine\]: memory_gb='lots' must be a number"):
+        plan.load_hardware("mine", bad)
+
+
+def test_a_custom_hardware_file(tmp_path):
+    table = tomllib.loads(plan.HARDWARE.read_text())
+    mine = dict(table["h100-sxm"], memory_gb=16)
+    path = tmp_path / "hw.toml"
+    path.write_text("[small]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in mine.items() if k != "source"))
+    with pytest.raises(JaxinferError, match=r"the smallest cluster that holds it is 2 nodes"):
+        plan.plan(_req(gpu="small", hardware=str(path), gpus_per_node=1, quant="none"))
+
+
+def test_calibration_fit_recovers_the_fractions_it_was_made_with():
+    req = _req(gpus_per_node=1)
+    hw = plan.load_hardware("h100-sxm")
+    truth = plan.Calibration(bandwidth_fraction=0.5, flops_fraction=0.3, step_overhead_s=1e-3)
+    p = plan.Planner(req, hw, truth, "bfloat16")
+    mem, prog = p.memory_of(1, 1, "none"), p.program(1, 1, 1)
+    from jaxinfer.runtime import buckets
+
+    rows = []
+    for b in (1, 64, 512):
+        bb, _, cache = buckets(b, 128, 128, 1, 8192)
+        rows.append({"batch": b, "tpot_median_s": p.step_time(mem, prog, 1, bb, 128 + 64, True, 1)})
+    report = {"mesh": {"tp": 1}, "prompt_len": 128, "gen_len": 128, "rows": rows}
+    got = plan.fit(report, req, hw, "bfloat16", "synthetic")
+    for name in ("bandwidth_fraction", "flops_fraction"):
+        assert math.isclose(getattr(got, name), getattr(truth, name), rel_tol=0.12), (name, got)
+
+
+def test_cli_plan_json():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    args = ["--model=qwen3-8b", "--gpu=h200", "--gpus_per_node=1", "--isl=512", "--tpot_ms=20", "--quant=fp8"]
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxinfer", "plan", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"configs", "recommended", "why", "inputs"}
+    assert out["inputs"]["gpu"] == "h200" and out["recommended"]["quant"] == "fp8"
+    assert [(c["tp"], c["pp"], c["replicas"]) for c in out["configs"]] == [(1, 1, 1)]
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxinfer", "plan", "--gpu=v100"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --gpu='v100' is not in ")
+
+
+def test_a_config_json_alone_plans_like_the_built_in_shape(tmp_path):
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    mine, builtin = _planner(_req(str(path))), _planner(_req())
+    for tp in (1, 4):
+        a, b = mine.memory_of(tp, 1, "int8"), builtin.memory_of(tp, 1, "int8")
+        assert (a.stacked, a.other, a.kv_per_token) == (b.stacked, b.other, b.kv_per_token)
+    with pytest.raises(JaxinferError, match=r"exceed .*config.json's context of 8192"):
+        plan.check_request(_req(str(path), isl=8192))
