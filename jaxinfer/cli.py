@@ -80,7 +80,12 @@ flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead o
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes form the mesh.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (0 prints the results).")
-flags.DEFINE_integer("replicas", 1, "serve: independent engines, each on its own tp*pp*ep*sp*dp devices.")
+flags.DEFINE_integer(
+    "replicas",
+    1,
+    "serve: independent engines, each on its own tp*pp*ep*sp*dp devices (a multi-process run is one replica "
+    "spanning every process: 1).",
+)
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (0.0.0.0 opens the server to the network).")
 flags.DEFINE_integer("port", 8000, "serve: TCP port.")
 flags.DEFINE_string(

@@ -220,3 +220,22 @@ def test_one_replica_over_two_processes_serves_like_generate_then_drains(launche
     assert launcher.wait(90) == 0, tail()
     text = log.read_text(errors="replace")
     assert "draining" in text and "server stopped" in text, tail()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pp=1"], "error: the mesh needs 1 devices but the 2 processes hold 2; a replica spanning processes"),
+        (["--pp=2", "--replicas=2"], "error: --replicas=2: in a multi-process run the one replica spans every process"),
+    ],
+)
+def test_a_multi_process_serve_is_one_replica_over_every_device(model_dir, flags, message):
+    launched = subprocess.run(
+        [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=1", "--timeout=150", "--"]
+        + ["serve", f"--model={model_dir}", f"--port={_free_port()}", *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=200,
+    )
+    assert launched.returncode == 1 and message in launched.stderr, launched.stderr[-3000:]
