@@ -229,6 +229,8 @@ class Engine:
         """Compiles every prefill-chunk and decode shape this engine can meet, ahead of traffic, with
         inputs that only touch the null page. Returns the number of shapes."""
         with self.lock:
+            if self._leader is not None:  # (its programs would run on process 0 alone, and wait for the rest)
+                raise JaxinferError("warm up a lock-step engine before lead(), on every process alike")
             return self.executor.warmup(self.scheduler)
 
     def step(self) -> list[Request]:
