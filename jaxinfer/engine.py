@@ -395,12 +395,14 @@ class AsyncLLM:
                 return
             self._task = loop.create_task(self._run())
 
-    def _advance(self, open_: list[tuple[Request, _Feed]]) -> tuple[list, bool]:
+    def _advance(self) -> tuple[list, bool]:
         """In the worker thread, under the engine's lock: one step when there is work, then the next
-        chunk (or error) of each open request."""
+        chunk (or error) of each request open after it, those submitted during the step included (they
+        may have run in it: their first chunk goes out now, not a step later)."""
         with self.engine.lock:
             if self.engine.has_work() or self.engine._cancels:
                 self.engine.step()
+            open_ = list(self._open.items())  # the event loop only adds while this runs
             out = []
             for req, feed in open_:
                 try:
@@ -413,11 +415,11 @@ class AsyncLLM:
 
     async def _run(self) -> None:
         while True:
-            open_ = list(self._open.items())
             try:
-                items, more = await asyncio.to_thread(self._advance, open_)
+                items, more = await asyncio.to_thread(self._advance)
             except Exception as e:  # not expected (the engine isolates faults): end what is open, loudly
                 log.exception("AsyncLLM: engine step failed")
+                open_ = list(self._open.items())
                 for req, _ in open_:
                     self.engine.cancel_soon(req)  # frees their pages at the next step
                 items = [(req, feed, JaxinferError(f"request {req.id} failed: {e}")) for req, feed in open_]
