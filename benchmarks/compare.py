@@ -6,7 +6,14 @@ Peers: Hugging Face transformers (loads the same GGUF, dequantized), and llama.c
 llama-cpp-python when it is installed (the `bench` extra), on the embedded model rewritten as an F32
 GGUF so it reads the same fp32 weights. llama.cpp runs batch 1 only.
 
+--quant=int8 gives the 8-bit rows instead: jaxinfer with quant="int8", quantize_head=True (int8 values,
+one fp32 scale per output channel, the head included) against llama.cpp on the model rewritten as a
+Q8_0 GGUF (int8 in blocks of 32 with an fp16 scale each, its head too), both quantized from the same
+dequantized weights; transformers has no 8-bit CPU path of the same kind and is left out. The roofline
+counts the bytes jaxinfer's parameters take (values and scales).
+
     python benchmarks/compare.py --batch_sizes=1,16 --gen_len=64
+    python benchmarks/compare.py --quant=int8 --batch_sizes=1 --gen_len=64
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ flags.DEFINE_integer("threads", os.cpu_count() or 1, "CPU threads for every engi
 flags.DEFINE_list("engines", ["jaxinfer", "transformers", "llama.cpp"], "Engines to run, when installed.")
 flags.DEFINE_string("engine", None, "Internal: run one engine in this process and print JSON.")
 flags.DEFINE_integer("batch", 1, "Internal: batch size for --engine.")
-flags.DEFINE_string("f32_gguf", None, "Internal: path of the F32 GGUF for llama.cpp.")
+flags.DEFINE_enum("quant", "none", ["none", "int8"], "Weights: fp32 (none) or the 8-bit rows (int8 / Q8_0).")
+flags.DEFINE_string("gguf", None, "Internal: path of the GGUF (F32 or Q8_0) for llama.cpp.")
 FLAGS = flags.FLAGS
 
 TEXT = (
@@ -47,7 +55,8 @@ def prompts(tok_ids: list[int], batch: int, length: int) -> list[list[int]]:
 def run_jaxinfer(batch: int) -> dict:
     import jaxinfer
 
-    llm = jaxinfer.LLM("smollm2-135m")
+    int8 = FLAGS.quant == "int8"
+    llm = jaxinfer.LLM("smollm2-135m", quant=FLAGS.quant, quantize_head=int8)
     ids = prompts(llm.tokenizer.encode(TEXT), batch, FLAGS.prompt_len)
     params = jaxinfer.SamplingParams(max_tokens=FLAGS.gen_len, temperature=0, ignore_eos=True)
     # The static-batch path, as the peers run: one padded batch. (The engine's generate() meets shapes
@@ -56,7 +65,9 @@ def run_jaxinfer(batch: int) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate_static(ids, params)
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "first": outs[0].token_ids}
+    from jaxinfer import explain
+
+    return {"seconds": dt, "first": outs[0].token_ids, "param_bytes": explain.total_param_bytes(llm.setup)}
 
 
 def run_transformers(batch: int) -> dict:
@@ -83,7 +94,7 @@ def run_llama_cpp(batch: int) -> dict:
 
     tok = checkpoint.open_gguf(checkpoint.builtin_path("smollm2-135m")).tokenizer
     ids = prompts(tok.encode(TEXT), 1, FLAGS.prompt_len)[0]
-    llm = llama_cpp.Llama(FLAGS.f32_gguf, n_ctx=256, n_threads=FLAGS.threads, n_batch=256, verbose=False)
+    llm = llama_cpp.Llama(FLAGS.gguf, n_ctx=256, n_threads=FLAGS.threads, n_batch=256, verbose=False)
     eos = llm.token_eos()
 
     def generate():
@@ -98,8 +109,10 @@ def run_llama_cpp(batch: int) -> dict:
     return {"seconds": dt, "first": tok.encode(out["choices"][0]["text"])[: FLAGS.gen_len]}
 
 
-def write_f32_gguf(path: Path) -> None:
-    """The embedded model with every tensor dequantized to F32, metadata unchanged."""
+def write_gguf(path: Path, quant: str) -> None:
+    """The embedded model with every tensor dequantized to F32 (quant "none") or requantized from
+    that to Q8_0 (quant "int8": the 2-D weights; norms stay F32, as llama.cpp's quantizer leaves
+    them), metadata unchanged."""
     import gguf
     import numpy as np
 
@@ -107,6 +120,7 @@ def write_f32_gguf(path: Path) -> None:
 
     reader = gguf.GGUFReader(str(checkpoint.builtin_path("smollm2-135m")))
     writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
@@ -117,7 +131,11 @@ def write_f32_gguf(path: Path) -> None:
             writer.add_key_value(name, field.contents(), kind)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-        writer.add_tensor(t.name, np.ascontiguousarray(data, np.float32))
+        data = np.ascontiguousarray(data, np.float32)
+        if quant == "int8" and data.ndim == 2:
+            writer.add_tensor(t.name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(t.name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -130,19 +148,20 @@ ENGINES = {"jaxinfer": run_jaxinfer, "transformers": run_transformers, "llama.cp
 def installed(engine: str) -> bool:
     import importlib.util
 
+    if engine == "transformers" and FLAGS.quant != "none":
+        return False
     return engine != "llama.cpp" or importlib.util.find_spec("llama_cpp") is not None
 
 
-def roofline_tok_s(batch: int) -> tuple[float, float, float]:
-    """(peak GB/s, GB read per decode step, tokens/s at the roofline) on one CPU device."""
+def roofline_tok_s(batch: int, step_bytes: int) -> tuple[float, float, float]:
+    """(peak GB/s, GB read per decode step, tokens/s at the roofline) on one CPU device, when a decode
+    step reads `step_bytes` of weights."""
     import jax
 
-    from jaxinfer import bench, checkpoint
+    from jaxinfer import bench
 
-    cfg = checkpoint.open_gguf(checkpoint.builtin_path("smollm2-135m")).config
     peak = bench.peak_bandwidth(jax.devices()[0])
-    step = cfg.param_count * 4
-    return peak / 1e9, step / 1e9, batch * peak / step
+    return peak / 1e9, step_bytes / 1e9, batch * peak / step_bytes
 
 
 def main(argv):
@@ -151,9 +170,9 @@ def main(argv):
         print(json.dumps(ENGINES[FLAGS.engine](FLAGS.batch)))
         return
     engines = [e for e in FLAGS.engines if installed(e)]
-    f32 = Path(tempfile.mkdtemp()) / "smollm2-135m-f32.gguf"
+    peer_gguf = Path(tempfile.mkdtemp()) / f"smollm2-135m-{'q8_0' if FLAGS.quant == 'int8' else 'f32'}.gguf"
     if "llama.cpp" in engines:
-        write_f32_gguf(f32)
+        write_gguf(peer_gguf, FLAGS.quant)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"}
     results: dict[tuple[str, int], list[dict]] = {}
@@ -167,7 +186,8 @@ def main(argv):
                     __file__,
                     f"--engine={engine}",
                     f"--batch={batch}",
-                    f"--f32_gguf={f32}",
+                    f"--gguf={peer_gguf}",
+                    f"--quant={FLAGS.quant}",
                     f"--prompt_len={FLAGS.prompt_len}",
                     f"--gen_len={FLAGS.gen_len}",
                     f"--threads={FLAGS.threads}",
@@ -178,15 +198,20 @@ def main(argv):
                 results.setdefault((engine, batch), []).append(json.loads(r.stdout.strip().splitlines()[-1]))
     import platform
 
+    weights = (
+        "int8 per-channel (jaxinfer, head included) / Q8_0 (llama.cpp)"
+        if FLAGS.quant == "int8"
+        else "Q4_1 GGUF dequantized, fp32"
+    )
     print(
-        f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, fp32), greedy, prompt {FLAGS.prompt_len}, "
+        f"SmolLM2-135M-Instruct ({weights}), greedy, prompt {FLAGS.prompt_len}, "
         f"{FLAGS.gen_len} new tokens, {FLAGS.threads} threads, median of {FLAGS.rounds} alternating runs; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
     print("| batch | engine | tok/s | vs jaxinfer | roofline tok/s | of roofline | same greedy tokens |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for batch in map(int, FLAGS.batch_sizes):
-        peak, step, roof = roofline_tok_s(batch)
+        peak, step, roof = roofline_tok_s(batch, results[("jaxinfer", batch)][0]["param_bytes"])
         ours = None
         for engine in engines:
             runs = results.get((engine, batch))

@@ -34,6 +34,9 @@ Stages (default budget in seconds):
   q    (70)  fp8 weights (quant="fp8") on the same shapes: whether the compiled decode multiplies fp8 operands
              (cuBLASLt's f8 custom call or an fp8 dot fusion), then TPOT and MBU at batch 1 and 64 beside d's
              bf16 rows. Target: >= 1.6x faster than bf16 at batch 1.
+  s    (30)  sequence parallelism: one ring step's attention (the per-rank body of models/ring_attention.py on a
+             one-device sp axis) on blocks of 4k and 16k tokens, stage b's heads, bf16: TFLOP/s of the block's
+             matmuls (the masked half included) as a fraction of the bf16 peak. No target yet.
   peer (65)  transformers (torch, bf16, static cache, no torch.compile) on the same shapes: TPOT. Then rows
              comparing d with it (target: our TPOT below transformers').
   e    (105) Qwen3-30B-A3B shapes (61 GB in bf16; fewer layers if the card cannot hold it, said in the row),
@@ -94,6 +97,7 @@ STAGES = (
     Stage("c", 55, 20),
     Stage("d", 115, 50),
     Stage("q", 70, 35),
+    Stage("s", 30, 15),
     Stage("peer", 65, 30),
     Stage("e", 105, 50),
 )
@@ -112,6 +116,7 @@ class Plan:
     llama: str
     llama_batches: tuple[int, ...]
     quant_batches: tuple[int, ...]  # stage q: fp8 weights
+    ring_tokens: tuple[int, ...]  # stage s: tokens of one sp rank's block in the ring step
     moe: str
     moe_batches: tuple[int, ...]
     prompt: int
@@ -132,6 +137,7 @@ GPU_PLAN = Plan(
     llama="llama3-8b",
     llama_batches=(1, 16, 64),
     quant_batches=(1, 64),
+    ring_tokens=(4096, 16384),
     moe="qwen3-30b-a3b",
     moe_batches=(1, 16),
     prompt=128,  # 127 prompt tokens + 96 new + 8 ahead stay within 16 pages: one decode width to compile
@@ -151,6 +157,7 @@ SMOKE_PLAN = Plan(
     llama="smoke-llama",
     llama_batches=(1, 2),
     quant_batches=(1,),
+    ring_tokens=(64,),
     moe="smoke-moe",
     moe_batches=(2,),
     prompt=16,
@@ -871,6 +878,53 @@ def stage_q(ctx: Ctx) -> None:
         )
 
 
+def ring_step(ctx: Ctx, tokens: int) -> None:
+    """One ring step's attention (models/ring_attention.py's per-rank body, in shard_map over a one-device
+    sp axis, so the rank's own causal block): a block of `tokens` queries against as many keys at the
+    attention heads of stage b. TFLOP/s counts the block's two matmuls whole (the masked half included:
+    the body computes it); the causal half is what the prompt needs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from models.ring_attention import ring_attention_local
+
+    heads, kv_heads, hd = ctx.plan.attn_heads
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(ctx.plan.dtype)
+    q = jnp.asarray(rng.standard_normal((1, tokens, heads, hd)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((1, tokens, kv_heads, hd)), dtype) for _ in range(2))
+    pos = jnp.arange(tokens, dtype=jnp.int32)[None]
+    body = functools.partial(ring_attention_local, axis="sp", size=1, sliding_window=None)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("sp",))
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
+    t = seconds_per_call(fn, q, k, v, pos, smoke=ctx.smoke)
+    flops = 4 * tokens * tokens * heads * hd
+    p = peaks()
+    frac = flops / t / p["flops"] if p["flops"] else None
+    ctx.row(
+        f"ring step attention, block of {tokens} tokens",
+        "measured",
+        f"{t * 1e3:.3f} ms, {flops / t / 1e12:.1f} TFLOP/s"
+        + (f" = {frac:.0%} of {p['flops'] / 1e12:.0f}" if frac is not None else " (bf16 peak unknown)")
+        + f", {heads}/{kv_heads} heads of {hd}, {dtype.name}"
+        + ctx.speed_note(),
+        value=flops / t / 1e12,
+        unit="TFLOP/s",
+        fraction=frac,
+    )
+
+
+def stage_s(ctx: Ctx) -> None:
+    """Sequence parallelism on one GPU: the ring step's attention throughput."""
+    for tokens in ctx.plan.ring_tokens:
+        name = f"ring step attention, block of {tokens} tokens"
+        if ctx.fits(name, ctx.plan.unit_s):
+            ctx.guarded(name, ring_step, ctx, tokens)
+
+
 def moe_shape_that_fits(ctx: Ctx) -> tuple[str, str]:
     """The MoE shape, with fewer layers when its weights would not fit the device (said in the note)."""
     import jax
@@ -1039,6 +1093,7 @@ RUNNERS = {
     "peer": stage_peer,
     "e": stage_e,
     "q": stage_q,
+    "s": stage_s,
 }
 
 

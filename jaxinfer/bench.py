@@ -216,3 +216,59 @@ def format_table(r: dict) -> str:
             + (f" {x['moe_decode_mode']}, {x['moe_bytes_sent_per_token_per_layer']:.0f} |" if moe else "")
         )
     return "\n".join(lines)
+
+
+def prefill_sweep(make_llm, sps: list[int], prompt_lens: list[int], reps: int = 3) -> dict:
+    """Sequence parallelism's prefill, measured: for each sp (an LLM from `make_llm(sp)`) and prompt
+    length, the best of `reps` timed prefills of one prompt (the ring at sp > 1) and the compiled step's
+    temporary bytes on one device (XLA's memory analysis: activations, attention blocks, the K/V in
+    flight). Simulated CPU devices share this machine's cores and memory, so their times show the
+    ring's overhead, not its speed-up; the bytes per device are what a real device would hold."""
+    rows = []
+    for sp in sps:
+        llm = make_llm(sp)
+        setup = llm.setup
+        ring = {} if setup.ring is None else {"ring": setup.ring}
+        sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), 1, 1)
+        for n in prompt_lens:
+            _, t, cache_len = buckets(1, n, 1, llm.mesh.shape["dp"], llm.max_seq_len)
+            tokens = setup.put(np.random.default_rng(n).integers(0, llm.config.vocab_size, (1, t)).astype(np.int32))
+            lengths = setup.put(np.full(1, n, np.int32))
+            weights = (llm.graphdef, llm.state)
+            cache = llm._cache(1, cache_len)
+            mem = steps.prefill.lower(*weights, cache, tokens, lengths, sampling, greedy_only=True, **ring)
+            mem = mem.compile().memory_analysis()
+            best = float("inf")
+            for _ in range(reps + 1):  # the first call compiles; the step takes (donates) the cache
+                cache = jax.block_until_ready(llm._cache(1, cache_len))
+                t0 = time.perf_counter()
+                jax.block_until_ready(
+                    steps.prefill(*weights, cache, tokens, lengths, sampling, greedy_only=True, **ring)
+                )
+                best = min(best, time.perf_counter() - t0)
+            rows.append(
+                {
+                    "sp": sp,
+                    "prompt_len": n,
+                    "prefill_s": best,
+                    "prompt_tok_s": n / best,
+                    "temp_bytes_per_device": int(mem.temp_size_in_bytes) if mem else None,
+                }
+            )
+    return {"device": device_name(), "dtype": np.dtype(llm.dtype).name, "versions": versions(), "rows": rows}
+
+
+def format_prefill_sweep(r: dict) -> str:
+    lines = [
+        f"{r['device']}, {r['dtype']}: prefill of one prompt, best of 3",
+        "| sp | prompt tokens | prefill ms | prompt tok/s | XLA temp bytes per device | vs sp=1 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {x["prompt_len"]: x["temp_bytes_per_device"] for x in r["rows"] if x["sp"] == 1}
+    for x in r["rows"]:
+        ratio = base.get(x["prompt_len"]) and x["temp_bytes_per_device"] / base[x["prompt_len"]]
+        lines.append(
+            f"| {x['sp']} | {x['prompt_len']} | {x['prefill_s'] * 1e3:.1f} | {x['prompt_tok_s']:.0f} | "
+            f"{x['temp_bytes_per_device'] / 2**20:.1f} MiB | {f'{ratio:.2f}' if ratio else '-'} |"
+        )
+    return "\n".join(lines)

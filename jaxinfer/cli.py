@@ -76,6 +76,12 @@ flags.DEFINE_integer("batch", 1, "explain: batch size of the steps to compile.")
 flags.DEFINE_integer("prompt_len", 128, "explain/bench: prompt length in tokens.")
 flags.DEFINE_integer("gen_len", 128, "explain/bench: new tokens per sequence (sizes the KV cache).")
 flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "bench: batch sizes to measure.")
+flags.DEFINE_list(
+    "prompt_lens",
+    None,
+    "bench: the sequence-parallel prefill sweep instead of the decode rows: prefill time and memory per "
+    "device at these prompt lengths for sp = 1, 2, 4, ... up to --sp.",
+)
 flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead of a table.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes form the mesh.")
@@ -251,8 +257,16 @@ def cmd_bench() -> None:
     import json
 
     from jaxinfer import bench
+    from jaxinfer.llm import LLM
 
     _at_least_one("prompt_len", "gen_len")
+    if FLAGS.prompt_lens:
+        lens = _int_list("prompt_lens", ",".join(FLAGS.prompt_lens), 1, "a prompt length", "1024,2048,4096")
+        sps = [s for s in (1, 2, 4, 8, 16, 32, 64) if s < FLAGS.sp and FLAGS.sp % s == 0] + [FLAGS.sp]
+        kwargs = _llm_kwargs(1)
+        report = bench.prefill_sweep(lambda sp: LLM(**{**kwargs, "sp": sp}), sps, lens)
+        print(json.dumps(report) if FLAGS.json else bench.format_prefill_sweep(report))
+        return
     sizes = _int_list("batch_sizes", ",".join(FLAGS.batch_sizes), 1, "a batch size", "1,16,64")
     report = bench.run(_llm(), sizes, FLAGS.prompt_len, FLAGS.gen_len)
     print(json.dumps(report) if FLAGS.json else bench.format_table(report))

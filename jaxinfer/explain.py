@@ -182,8 +182,20 @@ def explain(
         step = step_report(compiled, cfg.num_layers // setup.mesh.shape["pp"], setup.dtype)
         step["bytes_read"] = reads
         step["flops"] = matmul_flops(setup, tokens_in, kv_len, rows)
+        if name == "prefill" and setup.ring is not None:
+            step["flops"] /= setup.mesh.shape["sp"]  # each sp rank runs its share of the prompt (zigzag: equal work)
         step["arithmetic_intensity"] = step["flops"] / reads
         out["steps"][name] = step
+    # What the compiled prefill holds on one device beside its arguments (activations, attention blocks,
+    # the ring's K/V in flight): XLA's own figure, the one sequence parallelism divides.
+    out["per_device"]["prefill_activation_bytes"] = out["steps"]["prefill"]["temp_bytes"]
+    if setup.mesh.shape["sp"] > 1:
+        permutes = out["steps"]["prefill"]["collectives"].get("collective-permute", {})
+        out["ring"] = {
+            "sp": int(setup.mesh.shape["sp"]),
+            "collective_permutes_per_layer": permutes.get("per_layer_count", 0),
+            "bytes_per_layer": permutes.get("per_layer_bytes", 0),
+        }
     if cfg.num_experts:
         out["moe"] = moe_report(setup, out, {"prefill": rows * t, "decode": rows})
     stages = setup.mesh.shape["pp"]
@@ -299,6 +311,14 @@ def format_report(r: dict) -> str:
                 f"all-to-all {s['all_to_all_per_layer']} per layer, {s['all_to_all_bytes_per_token_per_layer']:.0f} "
                 "bytes per token"
             )
+    if r["per_device"].get("prefill_activation_bytes") is not None:
+        lines.append(f"prefill activations per device (XLA temp): {_size(r['per_device']['prefill_activation_bytes'])}")
+    if "ring" in r:
+        g = r["ring"]
+        lines.append(
+            f"ring attention over sp={g['sp']}: {g['collective_permutes_per_layer']} collective-permutes per layer "
+            f"in prefill ({_size(g['bytes_per_layer'])} per layer per device)"
+        )
     if "pipeline" in r:
         p = r["pipeline"]
         lines.append(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import bench, explain, hlo, steps
+from jaxinfer import bench, checkpoint, explain, hlo, steps
 from jaxinfer.runtime import buckets
 from jaxinfer.sampling import SamplingParams
 
@@ -168,3 +168,30 @@ def test_bench_and_explain_say_which_implementation_ran(tiny_dir):
     report = bench.run(llm, [1], prompt_len=4, gen_len=4)
     assert report["kernels"]["engine decode attention"].startswith("xla (head_dim 8 is not a power of two")
     assert "engine decode attention: xla (head_dim 8" in bench.format_table(report)
+
+
+def test_sequence_parallel_prefill_activations_fall_with_sp_and_the_ring_is_counted():
+    """A 4k-token prefill of the embedded model's shapes: XLA's temporary bytes per device fall close to
+    1/sp on sp=4, and the ring's collective-permutes (k and v at each of the sp - 1 steps) are read
+    from the compiled HLO."""
+    one = explain.explain("smollm2-135m", {}, prompt_len=4096, gen_len=16)
+    four = explain.explain("smollm2-135m", dict(sp=4), prompt_len=4096, gen_len=16)
+    a1, a4 = one["per_device"]["prefill_activation_bytes"], four["per_device"]["prefill_activation_bytes"]
+    assert a4 < a1 / 3, (a1, a4)
+    assert "ring" not in one
+    assert four["ring"]["collective_permutes_per_layer"] == 2 * (4 - 1)
+    # each permute passes one rank's K (or V) block: 1024 tokens x kv heads x head_dim floats
+    cfg = checkpoint.open_gguf(checkpoint.builtin_path("smollm2-135m")).config
+    block = 1024 * cfg.num_kv_heads * cfg.head_dim * 4
+    assert four["ring"]["bytes_per_layer"] == 2 * (4 - 1) * block
+    assert four["steps"]["prefill"]["flops"] == pytest.approx(one["steps"]["prefill"]["flops"] / 4)
+    assert "ring attention over sp=4: 6 collective-permutes per layer" in explain.format_report(four)
+
+
+def test_bench_prefill_sweep_measures_each_sp_and_prompt_length(tiny_dir):
+    path = str(tiny_dir("llama3"))
+    r = bench.prefill_sweep(lambda sp: jaxinfer.LLM(path, sp=sp, max_seq_len=256), [1, 2], [64, 200], reps=1)
+    assert [(x["sp"], x["prompt_len"]) for x in r["rows"]] == [(1, 64), (1, 200), (2, 64), (2, 200)]
+    assert all(x["prefill_s"] > 0 and x["temp_bytes_per_device"] > 0 for x in r["rows"])
+    table = bench.format_prefill_sweep(r)
+    assert table.count("\n| 2 | ") == 2 and "XLA temp bytes per device" in table

@@ -45,3 +45,25 @@ def test_a_device_list_that_does_not_fit_the_mesh_is_refused(tiny_dir):
         jaxinfer.LLM(str(tiny_dir("llama3")), tp=2, devices=jax.devices()[:3])
     with pytest.raises(JaxinferError, match=r"lists 2 devices \(1 distinct\)"):
         jaxinfer.LLM(str(tiny_dir("llama3")), tp=2, devices=[jax.devices()[0]] * 2)
+
+
+def test_replica_workers_get_disjoint_gpu_groups_from_cuda_visible_devices(monkeypatch):
+    """`jaxinfer serve --replicas` on a GPU machine: each worker's CUDA_VISIBLE_DEVICES is its own group of
+    the GPUs the server may use (read without starting jax); too few GPUs is one clear error; without
+    GPUs the workers simulate CPU devices."""
+    from jaxinfer.serving.replicas import device_envs
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert device_envs(4, 2) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("0,1", "2,3", "4,5", "6,7")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")  # a server restricted to some GPUs splits only those
+    assert device_envs(3, 1) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("3", "5", "6")]
+    with pytest.raises(JaxinferError, match=r"2 replicas of 2 GPUs need 4 GPUs but 3 are visible \(3, 5, 6\)"):
+        device_envs(2, 2)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # no GPU platform: simulated devices, whatever is visible
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x")
+    envs = device_envs(2, 3)
+    assert (
+        envs
+        == [{"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3"}] * 2
+    )
