@@ -86,7 +86,12 @@ flags.DEFINE_bool("json", False, "explain/bench: print one JSON object instead o
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes form the mesh.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index (0 prints the results).")
-flags.DEFINE_integer("replicas", 1, "serve: independent engines, each on its own tp*pp*ep*sp*dp devices.")
+flags.DEFINE_integer(
+    "replicas",
+    1,
+    "serve: independent engines, each on its own tp*pp*ep*sp*dp devices (a multi-process run is one replica "
+    "spanning every process: 1).",
+)
 flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (0.0.0.0 opens the server to the network).")
 flags.DEFINE_integer("port", 8000, "serve: TCP port.")
 flags.DEFINE_string(
@@ -279,8 +284,8 @@ def cmd_bench() -> None:
 
 
 def cmd_serve() -> None:
+    from jaxinfer import distributed
     from jaxinfer.errors import JaxinferError
-    from jaxinfer.serving import app as serving
 
     _at_least_one("replicas", "max_body_bytes")
     if FLAGS.max_queue is not None and FLAGS.max_queue < 0:
@@ -288,6 +293,9 @@ def cmd_serve() -> None:
     if not 0 < FLAGS.port < 65536:
         raise JaxinferError(f"--port={FLAGS.port} must be in [1, 65535]")
     name = FLAGS.served_model_name or FLAGS.model
+    if distributed.joined():
+        _serve_across_processes(name)
+        return
     if FLAGS.replicas == 1:
         from jaxinfer.serving.backend import InProcessBackend
 
@@ -297,6 +305,12 @@ def cmd_serve() -> None:
 
         backend = ReplicaPool(_llm_kwargs(), FLAGS.replicas, max_queue=FLAGS.max_queue)
         backend.model_name = name
+    _serve(backend, name)
+
+
+def _serve(backend, name: str) -> None:
+    from jaxinfer.serving import app as serving
+
     serving.serve(
         backend,
         host=FLAGS.host,
@@ -306,6 +320,52 @@ def cmd_serve() -> None:
         max_body_bytes=FLAGS.max_body_bytes,
         drain_timeout_s=FLAGS.drain_timeout_s,
     )
+
+
+def _serve_across_processes(name: str) -> None:
+    """One replica over every process of a multi-process run (pp across hosts): process 0 serves HTTP and
+    leads the engine, publishing each step's changes; the others follow it until it stops them."""
+    import signal
+
+    import jax
+
+    from jaxinfer.errors import JaxinferError
+    from jaxinfer.serving.backend import InProcessBackend
+    from jaxinfer.serving.replicas import mesh_size
+
+    me, processes = jax.process_index(), jax.process_count()
+    if FLAGS.replicas != 1:
+        raise JaxinferError(
+            f"--replicas={FLAGS.replicas}: in a multi-process run the one replica spans every process; give "
+            "--replicas=1 (one launch per replica, each behind its own port)"
+        )
+    kwargs = _llm_kwargs()
+    if mesh_size(kwargs) != jax.device_count():
+        raise JaxinferError(
+            f"the mesh needs {mesh_size(kwargs)} devices but the {processes} processes hold {jax.device_count()}; "
+            "a replica spanning processes uses every device of the run: make the mesh axes multiply to "
+            f"{jax.device_count()} (e.g. --pp={processes} with --tp={jax.local_device_count()})"
+        )
+    if me != 0:
+        # SIGTERM/SIGINT are process 0's to handle: it drains, then stops us (a launcher or a terminal
+        # may signal every process at once)
+        def note(sig, frame):
+            logging.info("signal %d: process %d stops when process 0 has drained", sig, me)
+
+        signal.signal(signal.SIGTERM, note)
+        signal.signal(signal.SIGINT, note)
+    llm = _llm()
+    engine = llm.engine
+    if me != 0:
+        logging.info("process %d of %d follows process 0's engine steps", me, processes)
+        engine.follow()
+        logging.info("process 0 stopped the replica; process %d exits", me)
+        return
+    engine.lead()
+    try:
+        _serve(InProcessBackend(llm, model_name=name, max_queue=FLAGS.max_queue), name)
+    finally:
+        engine.stop_followers()
 
 
 def cmd_plan() -> None:

@@ -50,6 +50,11 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     return True
 
 
+def joined() -> bool:
+    """Whether this process is one of a multi-process run (without starting jax's backend)."""
+    return _joined
+
+
 def draw_seed() -> int:
     """A fresh 63-bit seed, process 0's on every process of a multi-process run, so that all run the
     same schedule."""
@@ -59,3 +64,12 @@ def draw_seed() -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+
+
+def min_over_processes(value: int) -> int:
+    """The smallest of every process's `value` in a multi-process run (a collective: all must call it)."""
+    if not _joined:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int64(value))))

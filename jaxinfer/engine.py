@@ -7,6 +7,13 @@ One bad request fails alone: every request is validated before anything is queue
 while one request is handled (or a failed compiled step) finishes the requests it touched with
 finish_reason "error" and frees their pages; the engine and every other request go on. One lock
 (`Engine.lock`) serializes whoever drives the engine: `LLM.generate`, `generate_stream`, `AsyncLLM`.
+
+An engine whose mesh spans processes runs in one of two ways. SPMD: every process makes the same
+calls (`jaxinfer generate` under launch/local.py; unseeded requests agree on process 0's seed).
+Lock step (`jaxinfer serve`): process 0 `lead()`s, taking requests as one process would, and before
+each step it publishes the step's changes (requests queued with their prompt, SamplingParams and key;
+cancels; failures) through jaxinfer.lockstep; every other process `follow()`s, applying them and
+running the same step, until process 0's `stop_followers()`.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import secrets
 import threading
 
 import numpy as np
 
-from jaxinfer import distributed
+from jaxinfer import distributed, lockstep
 from jaxinfer.errors import JaxinferError
 from jaxinfer.executor import Executor, default_num_pages, pool_bytes
 from jaxinfer.outputs import Row, Stops, StreamText
@@ -29,11 +37,6 @@ from jaxinfer.scheduler import PageAllocator, Request, Scheduler, SchedulerOutpu
 __all__ = ["AsyncLLM", "Engine", "PageAllocator", "Request", "default_num_pages"]
 
 log = logging.getLogger(__name__)
-
-
-def _key(seed: int | None) -> np.ndarray:
-    """A request's key: from its seed, or from one drawn now (process 0's in a multi-process run)."""
-    return seed_key(distributed.draw_seed() if seed is None else seed)
 
 
 class Engine:
@@ -56,7 +59,10 @@ class Engine:
         self.chunk = prefill_chunk
         self.decode_steps = decode_steps
         needed = max_num_seqs * -(-llm.max_seq_len // page_size) + 1
-        self.num_pages = num_pages or default_num_pages(llm, page_size, memory_fraction, needed)
+        # (each process measures its own memory; a pool spanning processes needs one size on all)
+        self.num_pages = num_pages or distributed.min_over_processes(
+            default_num_pages(llm, page_size, memory_fraction, needed)
+        )
         log.info(
             "paged KV cache: %d pages of %d tokens, %s (%.1f MiB per device)",
             self.num_pages,
@@ -79,6 +85,7 @@ class Engine:
         self._stepping: int | None = None  # the thread inside step()
         self.prompt_tokens = 0  # of every request queued: the prefix cache's hit rate is out of these
         self._reused_before = 0  # prefix pages reused by page allocators a lost cache replaced
+        self._leader: lockstep.Leader | None = None  # set on process 0 of a lock-step run
 
     # What the scheduler and the executor own, read through the engine.
     waiting = property(lambda self: self.scheduler.waiting)
@@ -117,9 +124,19 @@ class Engine:
             for req in reqs:
                 if req.row.done:
                     continue
-                req.key = _key(req.params.seed)
+                req.key = self._key(req.params.seed)
                 self.scheduler.add(req)
                 self.prompt_tokens += len(req.prompt)
+                if self._leader is not None:
+                    self._leader.record(("add", req.id, req.prompt, req.params, req.key))
+
+    def _key(self, seed: int | None) -> np.ndarray:
+        """A request's key: from its seed, or from one drawn now. An SPMD run agrees on process 0's draw
+        (a collective: every process queues the same requests); a lock-step leader's draw travels with
+        the request to its followers."""
+        if seed is None:
+            seed = secrets.randbits(63) if self._leader is not None else distributed.draw_seed()
+        return seed_key(seed)
 
     def add(self, prompt: list[int], params: SamplingParams) -> Request:
         return self.add_all([(prompt, params)])[0]
@@ -136,7 +153,12 @@ class Engine:
             self.cancel_soon(req)
             return
         with self.lock:
-            self.scheduler.cancel(req)
+            self._cancel(req)
+
+    def _cancel(self, req: Request) -> None:
+        self.scheduler.cancel(req)
+        if self._leader is not None and req.id >= 0:
+            self._leader.record(("cancel", req.id))
 
     def cancel_soon(self, req: Request) -> None:
         """`cancel` at the start of the next step; never blocks (for an event loop, or a finalizer)."""
@@ -146,6 +168,8 @@ class Engine:
         """Ends `req` with finish_reason "error" and the message, and frees its pages; nothing else stops."""
         with self.lock:
             self.scheduler.fail(req, error)
+            if self._leader is not None and req.id >= 0:
+                self._leader.record(("fail", req.id, req.row.error))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -211,6 +235,8 @@ class Engine:
         """Compiles every prefill-chunk and decode shape this engine can meet, ahead of traffic, with
         inputs that only touch the null page. Returns the number of shapes."""
         with self.lock:
+            if self._leader is not None:  # (its programs would run on process 0 alone, and wait for the rest)
+                raise JaxinferError("warm up a lock-step engine before lead(), on every process alike")
             return self.executor.warmup(self.scheduler)
 
     def step(self) -> list[Request]:
@@ -219,9 +245,11 @@ class Engine:
         with self.lock:
             self._stepping = threading.get_ident()
             out = SchedulerOutput([], None, [])
+            while self._cancels:
+                self._cancel(self._cancels.popleft())
+            if self._leader is not None:  # (outside the try: a replica that lost a process cannot go on)
+                self._leader.publish()
             try:
-                while self._cancels:
-                    self.scheduler.cancel(self._cancels.popleft())
                 if self.executor.cache_k is None:  # lost with a failed step, and making a new one failed then
                     self.executor.new_cache()
                 out = self.scheduler.schedule()
@@ -236,6 +264,59 @@ class Engine:
                 return out.failed
             finally:
                 self._stepping = None
+
+    # --- lock step over processes ----------------------------------------------------------------
+
+    def lead(self, leader: lockstep.Leader | None = None) -> None:
+        """On process 0 of a multi-process run: from now on this engine takes requests alone and
+        publishes each step's changes to the other processes, which `follow()`. `leader`: the channel
+        (default: jax.distributed's key-value store)."""
+        with self.lock:
+            if self.prompt_tokens or self.has_work():
+                raise JaxinferError("lead() before any request is queued: the followers start from a new engine")
+            self._leader = leader if leader is not None else lockstep.Leader()
+
+    def stop_followers(self) -> None:
+        """Ends the other processes' `follow()` (call once this engine runs no more steps)."""
+        with self.lock:
+            if self._leader is not None:
+                self._leader.stop()
+
+    def follow(self, follower: lockstep.Follower | None = None) -> None:
+        """On every process but 0: applies process 0's changes and runs its steps, until it stops us.
+        `follower`: the channel (default: jax.distributed's key-value store)."""
+        follower = follower if follower is not None else lockstep.Follower()
+        reqs: dict[int, Request] = {}  # by the id process 0 gave them (the same here: added in its order)
+        while True:
+            ops = follower.next()
+            with self.lock:
+                for op in ops:
+                    if op == lockstep.STOP:
+                        return
+                    self._replay(op, reqs)
+                self.step()
+                for rid in [rid for rid, r in reqs.items() if r.row.done]:
+                    del reqs[rid]
+
+    def _replay(self, op: tuple, reqs: dict[int, Request]) -> None:
+        kind = op[0]
+        if kind == "add":
+            _, rid, prompt, params, key = op
+            req = self.request(prompt, params)
+            req.key = key
+            self.scheduler.add(req)
+            self.prompt_tokens += len(req.prompt)
+            if req.id != rid:
+                raise JaxinferError(f"lock step lost: process 0 queued request {rid} where this process has {req.id}")
+            reqs[rid] = req
+        elif kind == "cancel":
+            if op[1] in reqs:
+                self.scheduler.cancel(reqs[op[1]])
+        elif kind == "fail":
+            if op[1] in reqs:
+                self.scheduler.fail(reqs[op[1]], JaxinferError(op[2]))
+        else:
+            raise JaxinferError(f"lock step: unknown change {kind!r} from process 0")
 
 
 class AsyncLLM:
@@ -320,12 +401,14 @@ class AsyncLLM:
                 return
             self._task = loop.create_task(self._run())
 
-    def _advance(self, open_: list[tuple[Request, _Feed]]) -> tuple[list, bool]:
+    def _advance(self) -> tuple[list, bool]:
         """In the worker thread, under the engine's lock: one step when there is work, then the next
-        chunk (or error) of each open request."""
+        chunk (or error) of each request open after it, those submitted during the step included (they
+        may have run in it: their first chunk goes out now, not a step later)."""
         with self.engine.lock:
             if self.engine.has_work() or self.engine._cancels:
                 self.engine.step()
+            open_ = list(self._open.items())  # the event loop only adds while this runs
             out = []
             for req, feed in open_:
                 try:
@@ -338,11 +421,11 @@ class AsyncLLM:
 
     async def _run(self) -> None:
         while True:
-            open_ = list(self._open.items())
             try:
-                items, more = await asyncio.to_thread(self._advance, open_)
+                items, more = await asyncio.to_thread(self._advance)
             except Exception as e:  # not expected (the engine isolates faults): end what is open, loudly
                 log.exception("AsyncLLM: engine step failed")
+                open_ = list(self._open.items())
                 for req, _ in open_:
                     self.engine.cancel_soon(req)  # frees their pages at the next step
                 items = [(req, feed, JaxinferError(f"request {req.id} failed: {e}")) for req, feed in open_]

@@ -6,6 +6,10 @@ forming one mesh of N x M devices over gloo collectives:
 
 Prints what process 0 prints. As soon as any process fails, stops the others, prints one line naming
 it (`launch: process 1 (pid 4242) was killed by SIGKILL (exit code -9); stopped the others`) and exits 1.
+
+SIGTERM or SIGINT (Ctrl-C) goes to process 0 alone (the processes run in sessions of their own, so a
+terminal's Ctrl-C reaches only this launcher): `jaxinfer serve` drains there and then stops the other
+processes, and all exit 0. A second signal kills every process at once.
 """
 
 from __future__ import annotations
@@ -57,12 +61,27 @@ def main(argv: list[str]) -> int:
             env=env,
             stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
             stderr=None if i == 0 else subprocess.PIPE,
+            start_new_session=True,
         )
         for i in range(args.num_processes)
     ]
     for i, p in enumerate(procs):
         sys.stderr.write(f"launch: started process {i} of {args.num_processes} (pid {p.pid})\n")
     sys.stderr.flush()
+    signals: list[int] = []
+
+    def forward(sig, frame):
+        signals.append(sig)
+        for p in procs:
+            if p.poll() is not None:
+                continue
+            if len(signals) > 1:
+                p.kill()
+            elif p is procs[0]:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     out: list[bytes] = []
     readers = [threading.Thread(target=lambda: out.append(procs[0].stdout.read()), daemon=True)]
     # The other processes' logs are kept (the last 64 KiB of each) to show if one fails; reading them

@@ -17,6 +17,7 @@ LAYERS = {
     "jaxinfer.sampling": 1,
     "jaxinfer.compile_cache": 1,
     "jaxinfer.distributed": 1,
+    "jaxinfer.lockstep": 1,  # the step channel of an engine spanning processes (jax.distributed's key-value store)
     "jaxinfer.tokenizer": 2,
     "jaxinfer.sharding": 2,
     "models.*": 3,  # models see config, sharding rules and kernels

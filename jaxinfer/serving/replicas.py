@@ -25,10 +25,9 @@ cannot take them all down); the others end with Event(finish_reason="error"). Th
 to it, `health()` shows it down with what happened, and it is restarted (`restart=True`). A request
 the engine refuses or fails (bad input that slipped past validation) ends alone with its error.
 
-Not built: a replica spanning processes (pp across hosts). A multi-process engine today runs only a
-batch every process knows ahead (`jaxinfer generate` under launch/local.py: each process queues the
-same prompts, and `distributed.draw_seed` agrees on their seeds); nothing carries requests that arrive
-at process 0 alone, or their cancellations, to its peers before each step.
+A replica spanning processes (pp across hosts) is not a worker of this pool: it is a whole
+multi-process launch of `jaxinfer serve` (one replica per launch), process 0 serving HTTP from an
+InProcessBackend and leading its peers in lock step (jaxinfer/lockstep.py, Engine.lead/follow).
 """
 
 from __future__ import annotations
