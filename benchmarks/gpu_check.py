@@ -37,6 +37,10 @@ Stages (default budget in seconds):
   s    (30)  sequence parallelism: one ring step's attention (the per-rank body of models/ring_attention.py on a
              one-device sp axis) on blocks of 4k and 16k tokens, stage b's heads, bf16: TFLOP/s of the block's
              matmuls (the masked half included) as a fraction of the bf16 peak. No target yet.
+  p    (30)  `jaxinfer plan`'s predicted TPOT for the shapes of stages d (bf16) and q (fp8) at each batch they
+             measured, on this card's hardware entry and calibration/gpu.json, beside the measured TPOT.
+             Target: within 25%. (gpu.json's bandwidth fraction came from an H200's batch-1 bf16 row: on an
+             H200 that row checks the fit, the others are predictions.)
   peer (65)  transformers (torch, bf16, static cache, no torch.compile) on the same shapes: TPOT. Then rows
              comparing d with it (target: our TPOT below transformers').
   e    (105) Qwen3-30B-A3B shapes (61 GB in bf16; fewer layers if the card cannot hold it, said in the row),
@@ -98,6 +102,7 @@ STAGES = (
     Stage("d", 115, 50),
     Stage("q", 70, 35),
     Stage("s", 30, 15),
+    Stage("p", 30, 15),
     Stage("peer", 65, 30),
     Stage("e", 105, 50),
 )
@@ -925,6 +930,58 @@ def stage_s(ctx: Ctx) -> None:
             ctx.guarded(name, ring_step, ctx, tokens)
 
 
+# The hardware file's name for each card jax reports (jaxinfer/hardware.toml).
+PLAN_KINDS = {
+    "NVIDIA H100 80GB HBM3": "h100-sxm",
+    "NVIDIA H100 PCIe": "h100-pcie",
+    "NVIDIA H200": "h200",
+    "NVIDIA A100-SXM4-80GB": "a100-80gb",
+}
+
+
+def stage_p(ctx: Ctx) -> None:
+    """The planner's TPOT against stages d and q's measured TPOT, same shapes, one device (tp=1)."""
+    from jaxinfer import plan, runtime
+
+    if ctx.smoke:
+        register_smoke_shapes()
+    kind = "cpu" if ctx.smoke else PLAN_KINDS.get(peaks()["kind"])
+    if kind is None:
+        ctx.row("plan vs measured", "skip", f"{peaks()['kind']} has no entry in jaxinfer/hardware.toml")
+        return
+    measured = [r for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])) if r["stage"] in "dq" and "tpot_ms" in r]
+    if not measured:
+        ctx.row("plan vs measured", "skip", "stages d and q measured no TPOT in this run")
+        return
+    req = plan.Request(
+        model=ctx.plan.llama, gpu=kind, gpus_per_node=1, nodes=1, isl=ctx.plan.prompt, osl=ctx.plan.gen, tpot_ms=1e9
+    )
+    cal = plan.load_calibration("cpu.json" if ctx.smoke else "gpu.json")
+    hw = plan.load_hardware(kind, pinned=cal.pins())
+    planner = plan.Planner(req, hw, cal, ctx.plan.dtype)
+    prog = planner.program(1, 1, 1)
+    context = ctx.plan.prompt + ctx.plan.gen / 2  # the mean context of a decode step, as plan takes it
+    for r in measured:
+        quant = "fp8" if r["stage"] == "q" else "none"
+        name = f"plan vs measured TPOT {quant} batch {r['batch']}"
+        mem = planner.memory_of(1, 1, quant)
+        if isinstance(mem, str):
+            ctx.row(name, "skip", mem)
+            continue
+        b, _, _ = runtime.buckets(r["batch"], ctx.plan.prompt, ctx.plan.gen, 1, ctx.plan.max_seq_len)
+        predicted = planner.step_time(mem, prog, 1, b, context, True, 1) * 1e3
+        err = predicted / r["tpot_ms"] - 1
+        ctx.row(
+            name,
+            judged(ctx, abs(err) <= 0.25),
+            f"predicted {predicted:.2f} ms, measured {r['tpot_ms']:.2f} ms: {err:+.0%}; target within 25%"
+            + ctx.speed_note(),
+            batch=r["batch"],
+            value=err,
+            unit="relative error",
+        )
+
+
 def moe_shape_that_fits(ctx: Ctx) -> tuple[str, str]:
     """The MoE shape, with fewer layers when its weights would not fit the device (said in the note)."""
     import jax
@@ -1094,6 +1151,7 @@ RUNNERS = {
     "e": stage_e,
     "q": stage_q,
     "s": stage_s,
+    "p": stage_p,
 }
 
 
