@@ -50,7 +50,7 @@ def test_long_prompt_logits_match_one_device(llama3, one_device_score, axes, n):
     assert rel_err(got, ref) < 1e-4
 
 
-def test_a_length_not_a_multiple_of_2sp_prefills_and_decodes_64_tokens_as_one_device(llama3, one_device, one_device_score):
+def test_a_length_not_a_multiple_of_2sp_scores_and_decodes_as_one_device(llama3, one_device, one_device_score):
     # max_seq_len 3000 makes the prompt bucket 3000 tokens, not a multiple of 2·sp = 16: the layout pads
     # it to 3008, and the K/V of the 8 pad positions past the 3000-token cache is dropped.
     llm = jaxinfer.LLM(llama3, max_seq_len=3000, sp=8)
@@ -109,6 +109,33 @@ PREFIXED = PROMPT[:1200] + PROMPT[3000:3333]  # its first 75 pages are cached by
 def engine_ref(llama3):
     llm = jaxinfer.LLM(llama3, **ENGINE)
     return llm.generate(PROMPTS, DECODE) + llm.generate([PREFIXED], DECODE)
+
+
+def test_a_long_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=8, unroll_layers=False)
+    cfg, eng, t = llm.config, llm.engine, ENGINE["prefill_chunk"]
+    text = (
+        steps.prefill_chunk_ring.lower(
+            eng.graphdef,
+            llm.state,
+            eng.cache_k,
+            eng.cache_v,
+            np.zeros((1, 64), np.int32),
+            np.ones((1, t), bool),
+            np.zeros((1, t), np.int32),
+            np.zeros((1, t), np.int32),
+            split=llm.setup.page_split,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = (1008 // 8) * llm.cache_kv_heads * cfg.head_dim * 4  # 1,000 tokens padded to 1,008: 126 per rank
+    assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 14  # sp - 1 = 7 steps: k, v
+    kv = [c for c in ops if c not in in_layer and c.bytes >= block]
+    assert [(c.kind, c.bytes) for c in kv] == [("all-gather", cfg.num_layers * 8 * block)] * 2
 
 
 def _assert_same(got, ref):
