@@ -182,7 +182,7 @@ def test_embedded_model_answers_a_3000_token_chat_prompt_on_sp4_as_on_one_device
     prompt = _long_chat_prompt()
     params = jaxinfer.SamplingParams(temperature=0, max_tokens=24, logprobs=True)
     one = jaxinfer.LLM("smollm2-135m", **options)
-    n = len(one._prompt_ids([prompt], chat=True)[0])
+    n = len(one.tokenizer.encode_chat(prompt))
     assert 2800 <= n <= 3048  # room for the 24 new tokens
     ref = one.generate(prompt, params, chat=True)[0]
     del one
