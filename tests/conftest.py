@@ -32,13 +32,15 @@ def _free_models_between_modules():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """tiny_dir(arch) -> a directory holding a random-weight transformers checkpoint of that arch."""
+    """tiny_dir(arch, **overrides) -> a directory holding a random-weight transformers checkpoint of that
+    arch, its config entries replaced by `overrides` (tiny_dir("llama3", max_position_embeddings=4096))."""
     made = {}
 
-    def make(arch: str):
-        if arch not in made:
-            made[arch] = tiny.build(arch, tmp_path_factory.mktemp(arch))
-        return made[arch]
+    def make(arch: str, **overrides):
+        key = (arch, *sorted(overrides.items()))
+        if key not in made:
+            made[key] = tiny.build(arch, tmp_path_factory.mktemp(arch), **overrides)
+        return made[key]
 
     return make
 

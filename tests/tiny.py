@@ -90,13 +90,15 @@ MOE_ARCHS = {
 }
 
 
-def build(arch: str, directory: Path) -> Path:
+def build(arch: str, directory: Path, **overrides) -> Path:
+    """A random-weight checkpoint of `arch` in `directory`; `overrides` replace entries of its config
+    (max_position_embeddings=4096 for the long-prompt tests: the weights do not depend on it)."""
     import torch
     import transformers
 
     cls, kwargs = {**ARCHS, **MOE_ARCHS}[arch]
     torch.manual_seed(0)
-    cfg = getattr(transformers, cls)(**COMMON, **kwargs)
+    cfg = getattr(transformers, cls)(**{**COMMON, **kwargs, **overrides})
     model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg)
     if arch == "qwen2":  # biases start at zero; make them count
         with torch.no_grad():

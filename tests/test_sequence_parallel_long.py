@@ -1,0 +1,197 @@
+"""Sequence parallelism on long prompts (issue 14, scope 5): 1k-4k-token prompts on a random-weight tiny
+Llama whose max_position_embeddings is 4096, and a ~3,000-token chat prompt on the embedded SmolLM2;
+logits, logprobs and greedy tokens equal to one device's. tests/test_sequence_parallel.py covers the
+same paths on 200-token prompts, and the errors."""
+
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import hlo, steps
+from tests.tiny import rel_err
+
+MAX_SEQ = 4096
+PROMPT = np.random.default_rng(1).integers(0, 256, MAX_SEQ).tolist()
+
+
+@pytest.fixture(scope="module")
+def llama3(tiny_dir):
+    return str(tiny_dir("llama3", max_position_embeddings=MAX_SEQ))
+
+
+@pytest.fixture(scope="module")
+def one_device(llama3):
+    return jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ)
+
+
+@pytest.fixture(scope="module")
+def one_device_score(one_device):
+    """score(n) -> one device's logits of the first n tokens of PROMPT, computed once per n."""
+    made = {}
+
+    def score(n: int) -> np.ndarray:
+        if n not in made:
+            made[n] = one_device.score(PROMPT[:n])
+        return made[n]
+
+    return score
+
+
+# One 4k case (sp=4); the others land in the 2048-token bucket.
+@pytest.mark.parametrize(
+    "axes, n",
+    [(dict(sp=2), 1500), (dict(sp=4), 4000), (dict(sp=8), 2048), (dict(sp=2, tp=2), 1200)],
+    ids=["sp2-1500", "sp4-4000", "sp8-2048", "sp2xtp2-1200"],
+)
+def test_long_prompt_logits_match_one_device(llama3, one_device_score, axes, n):
+    got = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, **axes).score(PROMPT[:n])
+    ref = one_device_score(n)
+    assert got.shape == ref.shape == (n, 256)
+    assert rel_err(got, ref) < 1e-4
+
+
+def test_a_length_not_a_multiple_of_2sp_scores_and_decodes_as_one_device(llama3, one_device, one_device_score):
+    # max_seq_len 3000 makes the prompt bucket 3000 tokens, not a multiple of 2·sp = 16: the layout pads
+    # it to 3008, and the K/V of the 8 pad positions past the 3000-token cache is dropped.
+    llm = jaxinfer.LLM(llama3, max_seq_len=3000, sp=8)
+    assert rel_err(llm.score(PROMPT[:2999]), one_device_score(2999)) < 1e-4
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=True)
+    prompts = [PROMPT[:2900], PROMPT[1000:3101]]  # two rows of different lengths, neither a multiple of 16
+    ref = one_device.generate_static(prompts, params)
+    for got, r in zip(llm.generate_static(prompts, params), ref):
+        assert len(got.token_ids) == 64
+        assert got.token_ids == r.token_ids
+        np.testing.assert_allclose(got.logprobs, r.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_long_prefill_hlo_passes_kv_around_the_ring_and_never_gathers_it_in_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=4, unroll_layers=False)
+    cfg = llm.config
+    b, t = 1, MAX_SEQ
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), b, b)
+    text = (
+        steps.prefill.lower(
+            llm.graphdef,
+            llm.state,
+            llm._cache(b, t),
+            llm._put(np.zeros((b, t), np.int32)),
+            llm._put(np.full(b, 4000, np.int32)),
+            sampling,
+            greedy_only=True,
+            ring=llm.setup.ring,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    assert bodies
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = b * (t // 4) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of one layer, fp32: 1,024 tokens
+    # sp - 1 = 3 ring steps pass k and v each, and nothing else crosses devices inside a layer.
+    assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 6
+    # The whole K/V is gathered only after the layers, once for k and once for v (all layers at once).
+    whole = [c for c in ops if c.bytes >= block and c not in in_layer]
+    assert [(c.kind, c.bytes) for c in whole] == [("all-gather", cfg.num_layers * 4 * block)] * 2
+
+
+# --- the serving engine over a page pool split over sp ---------------------------------------------
+
+# prefill_chunk 1000: a prompt's first chunk (1000 tokens, the ring's) is not a multiple of 2·sp = 16 at
+# sp=8 and ends inside a page; its later chunks attend to the split pages from there.
+ENGINE = dict(max_seq_len=MAX_SEQ, max_num_seqs=4, page_size=16, num_pages=512, prefill_chunk=1000)
+DECODE = jaxinfer.SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=True, top_logprobs=8)
+PROMPTS = [PROMPT[:1500], PROMPT[1000:2203]]  # decoded side by side in one batch
+PREFIXED = PROMPT[:1200] + PROMPT[3000:3333]  # its first 75 pages are cached by the first prompt
+
+
+@pytest.fixture(scope="module")
+def engine_ref(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE)
+    return llm.generate(PROMPTS, DECODE) + llm.generate([PREFIXED], DECODE)
+
+
+def test_a_long_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=8, unroll_layers=False)
+    cfg, eng, t = llm.config, llm.engine, ENGINE["prefill_chunk"]
+    text = (
+        steps.prefill_chunk_ring.lower(
+            eng.graphdef,
+            llm.state,
+            eng.cache_k,
+            eng.cache_v,
+            np.zeros((1, 64), np.int32),
+            np.ones((1, t), bool),
+            np.zeros((1, t), np.int32),
+            np.zeros((1, t), np.int32),
+            split=llm.setup.page_split,
+        )
+        .compile()
+        .as_text()
+    )
+    ops = hlo.collectives(text)
+    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
+    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    block = (1008 // 8) * llm.cache_kv_heads * cfg.head_dim * 4  # 1,000 tokens padded to 1,008: 126 per rank
+    assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 14  # sp - 1 = 7 steps: k, v
+    kv = [c for c in ops if c not in in_layer and c.bytes >= block]
+    assert [(c.kind, c.bytes) for c in kv] == [("all-gather", cfg.num_layers * 8 * block)] * 2
+
+
+def _assert_same(got, ref):
+    assert len(got.token_ids) == 64
+    assert got.token_ids == ref.token_ids
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
+    for g, r in zip(got.top_logprobs, ref.top_logprobs):  # the 8 most likely tokens' log-softmax of each step
+        assert list(g) == list(r)
+        assert rel_err(np.array(list(g.values())), np.array(list(r.values()))) < 1e-4
+
+
+@pytest.mark.parametrize("axes", [dict(sp=4), dict(sp=8)], ids=["sp4", "sp8"])
+def test_engine_prefills_long_prompts_and_decodes_64_tokens_as_one_device(llama3, engine_ref, axes, monkeypatch):
+    llm = jaxinfer.LLM(llama3, **ENGINE, **axes)
+    ring_chunks = []
+    ring_step = steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[5]) or ring_step(*a, **k))
+    for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
+        _assert_same(got, ref)
+    # Each prompt's first chunk over the ring: the first prompt's 1,000 tokens, then the second's 501 that
+    # fill the step's 1,000-token budget after the first prompt's last 499 (those read the split pages).
+    assert [int(valid.sum()) for valid in ring_chunks] == [1000, 501]
+    hits = llm.engine.pages.hits
+    _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
+    assert llm.engine.pages.hits - hits == 75  # 1,200 cached tokens read from the pages' own ranks
+
+
+# --- the embedded model ----------------------------------------------------------------------------
+
+
+def _long_chat_prompt() -> str:
+    """Python's own documentation of mappings (about 11,000 characters, cut at a paragraph), then a
+    question about it: a natural ~3,000-token prompt that needs no file."""
+    from pydoc_data.topics import topics
+
+    text = topics["typesmapping"]
+    return text[: text.rfind("\n\n", 0, 11000)] + "\n\nSummarize the text above in one sentence."
+
+
+def test_embedded_model_answers_a_3000_token_chat_prompt_on_sp4_as_on_one_device(monkeypatch):
+    # Scanned layers: loading and compiling 30 unrolled layers twice would double this test's time,
+    # and the ring runs the same inside either loop.
+    options = dict(max_seq_len=3072, max_num_seqs=1, prefill_chunk=3072, unroll_layers=False)
+    prompt = _long_chat_prompt()
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=24, logprobs=True)
+    one = jaxinfer.LLM("smollm2-135m", **options)
+    n = len(one.tokenizer.encode_chat(prompt))
+    assert 2800 <= n <= 3048  # room for the 24 new tokens
+    ref = one.generate(prompt, params, chat=True)[0]
+    del one
+    llm = jaxinfer.LLM("smollm2-135m", sp=4, **options)
+    ring_chunks, ring_step = [], steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[5]) or ring_step(*a, **k))
+    got = llm.generate(prompt, params, chat=True)[0]
+    assert [int(valid.sum()) for valid in ring_chunks] == [n - 1]  # the whole prompt (but its last token) over the ring
+    assert len(ref.token_ids) >= 16
+    assert got.token_ids == ref.token_ids
+    assert got.text == ref.text
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
