@@ -269,6 +269,7 @@ MOE_MESHES = [
     ("mixtral", dict(sp=2, ep=2, tp=2), "all_to_all"),
     ("qwen3_moe", dict(sp=2, ep=2), "all_to_all"),  # a dense layer between two routed ones
     ("qwen3_moe", dict(sp=2, ep=2, tp=2), "psum"),
+    ("mixtral", dict(sp=2, dp=2, ep=2), "all_to_all"),  # (dp, sp) shards: the batch padded to 2 rows, split over dp
 ]
 MOE_IDS = ["-".join([arch, "x".join(f"{k}{v}" for k, v in axes.items()), mode]) for arch, axes, mode in MOE_MESHES]
 
