@@ -16,7 +16,7 @@ from flax import nnx
 from jaxinfer import hlo, pipeline, steps
 from jaxinfer.runtime import Setup, buckets, prepare
 from jaxinfer.sampling import SamplingParams
-from models import kv_cache, llama
+from models import kv_cache, llama, ring_attention
 
 EXPERT_PARAMS = ("we_gate_up", "we_down")
 
@@ -199,7 +199,12 @@ def explain(
             "bytes_per_layer": permutes.get("per_layer_bytes", 0),
         }
     if cfg.num_experts:
-        out["moe"] = moe_report(setup, out, {"prefill": rows * t, "decode": rows})
+        # Over sp a prefill's tokens reach the experts split as ring attention left them (models/moe.py):
+        # each sp rank dispatches its share of the padded prompt.
+        sp = setup.mesh.shape["sp"] if setup.ring is not None else 1
+        out["moe"] = moe_report(
+            setup, out, {"prefill": rows * ring_attention.padded_length(t, sp) // sp, "decode": rows}
+        )
     stages = setup.mesh.shape["pp"]
     if stages > 1:
         micro = {name: pipeline.microbatch_count(rows, stages) for name in ("prefill", "decode")}

@@ -167,11 +167,6 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
             raise JaxinferError(
                 f"sp={sp} with pp={pp}: sequence parallelism does not run inside pipeline stages yet; set pp=1 or sp=1"
             )
-        if cfg.num_experts:
-            raise JaxinferError(
-                f"sp={sp}: {cfg.architecture} routes tokens to experts, and sequence parallelism covers dense "
-                "models only for now; set sp=1"
-            )
     return rules
 
 

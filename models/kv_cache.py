@@ -148,6 +148,7 @@ class KVCache(NamedTuple):
 
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
+    splits_seq = False  # the layers' tokens are not split over sp (models/ring_attention.SeqKV's are)
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
@@ -195,6 +196,7 @@ class PagedKVCache(NamedTuple):
     block_tables: jax.Array
     valid: jax.Array
     split: object = None
+    splits_seq = False  # its pages may be split over sp, the layers' tokens are not
 
     def update(self, layer, k, v, q_pos) -> PagedKVCache:
         page_size = self.k.shape[2]

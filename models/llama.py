@@ -300,7 +300,7 @@ def block(
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
         if "router" in p:
-            x = x + moe(p, h, cfg)
+            x = x + moe(p, h, cfg, seq_split=cache.splits_seq)
         else:
             gate_up = quant.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]

@@ -1,8 +1,12 @@
 """Routed experts (Mixtral, Qwen3-MoE): top-k routing, expert parallelism over `ep`, grouped matmul.
 
 Attention keeps its tp sharding and is replicated over ep, so the devices of an ep group enter the MoE
-block holding the same tokens. Experts are split over ep and each expert's hidden size over tp. Two
-ways take the tokens to their experts, both written by hand in `jax.shard_map` and both dropless:
+block holding the same tokens. Under sequence parallelism a prefill's tokens stay split on `seq` over sp
+(as ring attention leaves them): each (dp, sp) shard dispatches its own tokens among its ep group just as
+a dp shard does, so sp adds no collective here and each device routes 1/sp of the prompt.
+
+Experts are split over ep and each expert's hidden size over tp. Two ways take the tokens to their
+experts, both written by hand in `jax.shard_map` and both dropless:
 
 - "psum": every device routes every token, runs the assignments that chose its own experts, and one
   all-reduce over (ep, tp) sums the partial outputs: a single collective of [tokens, D].
@@ -55,7 +59,7 @@ def capacity(tokens_per_rank: int, ep: int, k: int, factor: float = CAPACITY_FAC
 
 def dispatch_bytes(cfg: ModelConfig, ep: int, tp: int, tokens: int, itemsize: int, factor: float = CAPACITY_FACTOR):
     """Bytes one device sends per MoE layer in each mode, for `tokens` tokens entering the block on one
-    dp shard (ring collectives; an all-to-all keeps 1/ep of its buffer at home)."""
+    (dp, sp) shard (ring collectives; an all-to-all keeps 1/ep of its buffer at home)."""
     d, k = cfg.hidden_size, cfg.num_experts_per_tok
     group = ep * tp
     out = {"psum": 2 * (group - 1) / group * tokens * d * itemsize}
@@ -92,15 +96,20 @@ class MoE:
         cost = self.cost(cfg, tokens, itemsize)
         return min(cost, key=cost.get)
 
-    def __call__(self, p: dict, h, cfg: ModelConfig):
-        """h [B, T, D] (normed) -> the weighted sum of its tokens' top-k experts, [B, T, D]."""
+    def __call__(self, p: dict, h, cfg: ModelConfig, seq_split: bool = False):
+        """h [B, T, D] (normed) -> the weighted sum of its tokens' top-k experts, [B, T, D]. seq_split:
+        h's tokens lie split on `seq` over sp (a prefill with ring attention); each (dp, sp) shard then
+        dispatches its own tokens among its ep group, as a dp shard does, and the output stays split."""
         rules = dict(self.rules)
         b, t, _ = h.shape
         shards = self.mesh.shape[rules["batch"]] if rules.get("batch") else 1
         if b % shards:  # a batch the dp axis cannot split (one prefill chunk): every dp group takes it whole
             rules["batch"], shards = None, 1
-        mode = self.mode(cfg, b * t // shards, h.dtype.itemsize)
-        act = sharding.spec(("batch", None, "embed"), rules)
+        seq = self.mesh.shape[rules["seq"]] if seq_split and rules.get("seq") else 1
+        if seq == 1 or t % seq:  # tokens replicated over sp (decode, a later chunk): every sp rank routes them all
+            rules["seq"], seq = None, 1
+        mode = self.mode(cfg, b * t // (shards * seq), h.dtype.itemsize)
+        act = sharding.spec(("batch", "seq", "embed"), rules)
         gate_up = sharding.spec(("experts", "embed", None, "expert_mlp"), rules)
         down = sharding.spec(("experts", "expert_mlp", "embed"), rules)
         body = functools.partial(

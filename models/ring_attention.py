@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +258,7 @@ class SeqKV:
     v: jax.Array
     ring: Ring = dataclasses.field(metadata=dict(static=True))
     cache_dtype: str = dataclasses.field(metadata=dict(static=True))
+    splits_seq: ClassVar[bool] = True  # the layers' tokens lie split on `seq` (models/moe.py keeps them so)
 
     @classmethod
     def empty(cls, ring: Ring, cache: KVCache, t: int) -> SeqKV:

@@ -7,6 +7,7 @@ import pytest
 
 import jaxinfer
 from jaxinfer import JaxinferError, explain, hlo, steps
+from models import moe
 from models.kv_cache import PagedKVCache
 from models.ring_attention import zigzag_order
 from tests.tiny import rel_err
@@ -108,8 +109,6 @@ def test_sp_errors(llama3, tiny_dir):
         jaxinfer.LLM(llama3, sp=3)
     with pytest.raises(JaxinferError, match="sp=2 with pp=3"):
         jaxinfer.LLM(llama3, sp=2, pp=3)
-    with pytest.raises(JaxinferError, match="dense models only"):
-        jaxinfer.LLM(str(tiny_dir("mixtral")), sp=2)
 
 
 # --- the serving engine over a page pool split over sp ---------------------------------------------
@@ -259,3 +258,80 @@ def test_engine_over_sp_with_a_sliding_window_or_an_int8_cache(tiny_dir, arch, o
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
         np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=tol, atol=tol)
+
+
+# --- a mixture-of-experts model over sp: each (dp, sp) shard dispatches its own tokens ---------------
+
+MOE_MESHES = [
+    ("mixtral", dict(sp=2), "auto"),
+    ("mixtral", dict(sp=2, ep=2), "psum"),
+    ("mixtral", dict(sp=2, ep=2), "all_to_all"),
+    ("mixtral", dict(sp=2, ep=2, tp=2), "all_to_all"),
+    ("qwen3_moe", dict(sp=2, ep=2), "all_to_all"),  # a dense layer between two routed ones
+    ("qwen3_moe", dict(sp=2, ep=2, tp=2), "psum"),
+    ("mixtral", dict(sp=2, dp=2, ep=2), "all_to_all"),  # (dp, sp) shards: the batch padded to 2 rows, split over dp
+]
+MOE_IDS = ["-".join([arch, "x".join(f"{k}{v}" for k, v in axes.items()), mode]) for arch, axes, mode in MOE_MESHES]
+
+
+@pytest.fixture(scope="module")
+def moe_one_device(tiny_dir):
+    return {arch: jaxinfer.LLM(str(tiny_dir(arch)), max_seq_len=MAX_SEQ) for arch in ("mixtral", "qwen3_moe")}
+
+
+@pytest.mark.parametrize("arch, axes, dispatch", MOE_MESHES, ids=MOE_IDS)
+def test_moe_score_matches_one_device(tiny_dir, moe_one_device, arch, axes, dispatch):
+    ref = moe_one_device[arch].score(PROMPT)
+    got = jaxinfer.LLM(str(tiny_dir(arch)), max_seq_len=MAX_SEQ, moe_dispatch=dispatch, **axes).score(PROMPT)
+    assert rel_err(got, ref) < 1e-4
+
+
+MOE_PROMPTS = [PROMPT[:150], PROMPT[100:177]]
+MOE_DECODE = jaxinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def moe_greedy_ref(tiny_dir):
+    llm = jaxinfer.LLM(str(tiny_dir("mixtral")), **ENGINE)
+    return {run: getattr(llm, run)(MOE_PROMPTS, MOE_DECODE) for run in ("generate", "generate_static")}
+
+
+@pytest.mark.parametrize(
+    "arch, axes, dispatch", [MOE_MESHES[i] for i in (0, 2, 3)], ids=[MOE_IDS[i] for i in (0, 2, 3)]
+)
+def test_moe_engine_and_static_greedy_match_one_device(tiny_dir, moe_greedy_ref, arch, axes, dispatch, monkeypatch):
+    """The engine's first chunk routes its tokens split over sp (ring attention), its later chunks and decode
+    replicated over sp; generate_static prefills split and decodes from the unsplit cache."""
+    llm = jaxinfer.LLM(str(tiny_dir(arch)), **ENGINE, moe_dispatch=dispatch, **axes)
+    ring_chunks = []
+    ring_step = steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
+    for run, ref in moe_greedy_ref.items():
+        for g, r in zip(getattr(llm, run)(MOE_PROMPTS, MOE_DECODE), ref):
+            assert len(g.token_ids) == 16
+            assert g.token_ids == r.token_ids
+            np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=1e-4, atol=1e-5)
+    assert len(ring_chunks) == 2  # each prompt's first chunk ran split over sp
+
+
+@pytest.mark.parametrize("dispatch", ["all_to_all", "psum"])
+def test_moe_explain_over_sp_dispatches_each_ranks_share_of_the_prompt(tiny_dir, dispatch):
+    """No collective gathers the tokens over sp: the prefill's dispatch moves T/sp tokens per device, the
+    same bytes as a T/sp-token prompt at sp=1, and the ring passes K/V as for a dense model."""
+    path, t, sp, ep = str(tiny_dir("mixtral")), 64, 2, 2
+    r = explain.explain(path, dict(sp=sp, ep=ep), prompt_len=t, gen_len=8, moe_dispatch=dispatch)
+    alone = explain.explain(path, dict(ep=ep), prompt_len=t // sp, gen_len=8, moe_dispatch=dispatch)
+    m, d, k = r["moe"]["steps"]["prefill"], 64, 2
+    assert m["tokens"] == t // sp and m["mode"] == dispatch
+    got, want = r["steps"]["prefill"]["collectives"], alone["steps"]["prefill"]["collectives"]
+    if dispatch == "all_to_all":
+        n = t // (sp * ep)  # tokens each device routes
+        slots = ep * moe.capacity(n, ep, k)
+        assert got["all-to-all"]["per_layer_count"] == 2
+        assert got["all-to-all"]["per_layer_bytes"] == slots * ((d + 2 * k) * 4 + d * 4)
+        assert got["all-gather"]["per_layer_bytes"] == (t // sp) * d * 4  # over ep, within one sp rank
+    else:
+        assert got["all-reduce"]["per_layer_bytes"] == (t // sp) * d * 4  # one psum over ep of the rank's tokens
+    for kind in ("all-to-all", "all-gather", "all-reduce"):
+        assert got.get(kind, {}).get("per_layer_bytes", 0) == want.get(kind, {}).get("per_layer_bytes", 0), kind
+    assert r["ring"]["collective_permutes_per_layer"] == 2  # k and v, sp - 1 = 1 step
