@@ -71,6 +71,15 @@ _CALL = re.compile(
 )
 
 
+def layer_collectives(hlo_text: str, num_layers: int) -> tuple[list[Collective], list[Collective]]:
+    """The program's collectives, and those inside its layer loop (a loop that runs `num_layers` times,
+    with every computation its body calls): what crosses devices once per layer."""
+    ops = collectives(hlo_text)
+    bodies = {name for name, n in loop_trip_counts(hlo_text).items() if n == num_layers}
+    layers = reachable(hlo_text, bodies)
+    return ops, [c for c in ops if c.computation in layers]
+
+
 def reachable(hlo_text: str, roots: set[str]) -> set[str]:
     """`roots` and every computation they call, directly or not (loop bodies, branches, fusions)."""
     calls: dict[str, set[str]] = {}

@@ -69,28 +69,44 @@ def test_greedy_generate_static_matches_one_device(llama3, one_device, axes):
         np.testing.assert_allclose(g.logprobs, r.logprobs, rtol=1e-4, atol=1e-5)
 
 
+def ring_prefill_hlo(llm, t: int, length: int) -> str:
+    """The compiled static-path prefill of one prompt of `length` tokens in a bucket of t, on the ring."""
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), 1, 1)
+    lowered = steps.prefill.lower(
+        llm.graphdef,
+        llm.state,
+        llm._cache(1, t),
+        llm._put(np.zeros((1, t), np.int32)),
+        llm._put(np.full(1, length, np.int32)),
+        sampling,
+        greedy_only=True,
+        ring=llm.setup.ring,
+    )
+    return lowered.compile().as_text()
+
+
+def ring_chunk_hlo(llm, t: int, width: int) -> str:
+    """The compiled engine step that prefills a first chunk of t tokens on the ring (block table of `width`)."""
+    eng = llm.engine
+    lowered = steps.prefill_chunk_ring.lower(
+        eng.graphdef,
+        llm.state,
+        eng.cache_k,
+        eng.cache_v,
+        np.zeros((1, width), np.int32),
+        np.ones((1, t), bool),
+        np.zeros((1, t), np.int32),
+        np.zeros((1, t), np.int32),
+        split=llm.setup.page_split,
+    )
+    return lowered.compile().as_text()
+
+
 def test_prefill_hlo_passes_kv_around_the_ring_and_gathers_it_only_after_the_layers(llama3):
     llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=4, unroll_layers=False)
     cfg = llm.config
     b, t = 1, MAX_SEQ
-    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), b, b)
-    text = (
-        steps.prefill.lower(
-            llm.graphdef,
-            llm.state,
-            llm._cache(b, t),
-            llm._put(np.zeros((b, t), np.int32)),
-            llm._put(np.full(b, 200, np.int32)),
-            sampling,
-            greedy_only=True,
-            ring=llm.setup.ring,
-        )
-        .compile()
-        .as_text()
-    )
-    ops = hlo.collectives(text)
-    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    ops, in_layer = hlo.layer_collectives(ring_prefill_hlo(llm, t, 200), cfg.num_layers)
     block = b * (t // 4) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of one layer, fp32
     # sp - 1 = 3 ring steps pass k and v each
     assert sorted(c.kind for c in in_layer) == ["collective-permute"] * 6
@@ -170,9 +186,7 @@ def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
         .compile()
         .as_text()
     )
-    ops = hlo.collectives(text)
-    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    ops, in_layer = hlo.layer_collectives(text, cfg.num_layers)
     # out, max and sum of every (row, head) from each of the 2 ranks: [2, B, 1, N, H + 2] float32
     assert [(c.kind, c.bytes) for c in in_layer] == [("all-gather", 2 * s * cfg.num_heads * (cfg.head_dim + 2) * 4)]
     assert len(ops) == 1  # nothing else crosses devices; no K/V page is ever gathered
@@ -216,25 +230,8 @@ def test_engine_over_sp_with_the_pallas_kernel_in_interpret_mode(llama3, engine_
 
 def test_a_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
     llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, unroll_layers=False)
-    cfg, eng, t = llm.config, llm.engine, 64
-    text = (
-        steps.prefill_chunk_ring.lower(
-            eng.graphdef,
-            llm.state,
-            eng.cache_k,
-            eng.cache_v,
-            np.zeros((1, 16), np.int32),
-            np.ones((1, t), bool),
-            np.zeros((1, t), np.int32),
-            np.zeros((1, t), np.int32),
-            split=llm.setup.page_split,
-        )
-        .compile()
-        .as_text()
-    )
-    ops = hlo.collectives(text)
-    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    cfg, t = llm.config, 64
+    ops, in_layer = hlo.layer_collectives(ring_chunk_hlo(llm, t, 16), cfg.num_layers)
     block = (t // 2) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of the chunk, one layer
     assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 2  # sp - 1 = 1 step: k, v
     # After the layers the chunk's K/V of every layer is gathered once (k and v); each rank keeps its pages.

@@ -8,6 +8,7 @@ import pytest
 
 import jaxinfer
 from jaxinfer import hlo, steps
+from tests.test_sequence_parallel import ring_chunk_hlo, ring_prefill_hlo
 from tests.tiny import rel_err
 
 MAX_SEQ = 4096
@@ -68,25 +69,7 @@ def test_long_prefill_hlo_passes_kv_around_the_ring_and_never_gathers_it_in_the_
     llm = jaxinfer.LLM(llama3, max_seq_len=MAX_SEQ, sp=4, unroll_layers=False)
     cfg = llm.config
     b, t = 1, MAX_SEQ
-    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), b, b)
-    text = (
-        steps.prefill.lower(
-            llm.graphdef,
-            llm.state,
-            llm._cache(b, t),
-            llm._put(np.zeros((b, t), np.int32)),
-            llm._put(np.full(b, 4000, np.int32)),
-            sampling,
-            greedy_only=True,
-            ring=llm.setup.ring,
-        )
-        .compile()
-        .as_text()
-    )
-    ops = hlo.collectives(text)
-    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    assert bodies
-    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    ops, in_layer = hlo.layer_collectives(ring_prefill_hlo(llm, t, 4000), cfg.num_layers)
     block = b * (t // 4) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of one layer, fp32: 1,024 tokens
     # sp - 1 = 3 ring steps pass k and v each, and nothing else crosses devices inside a layer.
     assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 6
@@ -113,25 +96,8 @@ def engine_ref(llama3):
 
 def test_a_long_first_chunk_passes_kv_around_the_ring_and_writes_the_pages_after_the_layers(llama3):
     llm = jaxinfer.LLM(llama3, **ENGINE, sp=8, unroll_layers=False)
-    cfg, eng, t = llm.config, llm.engine, ENGINE["prefill_chunk"]
-    text = (
-        steps.prefill_chunk_ring.lower(
-            eng.graphdef,
-            llm.state,
-            eng.cache_k,
-            eng.cache_v,
-            np.zeros((1, 64), np.int32),
-            np.ones((1, t), bool),
-            np.zeros((1, t), np.int32),
-            np.zeros((1, t), np.int32),
-            split=llm.setup.page_split,
-        )
-        .compile()
-        .as_text()
-    )
-    ops = hlo.collectives(text)
-    bodies = [body for body, n in hlo.loop_trip_counts(text).items() if n == cfg.num_layers]
-    in_layer = [c for c in ops if c.computation in hlo.reachable(text, set(bodies))]
+    cfg, t = llm.config, ENGINE["prefill_chunk"]
+    ops, in_layer = hlo.layer_collectives(ring_chunk_hlo(llm, t, 64), cfg.num_layers)
     block = (1008 // 8) * llm.cache_kv_heads * cfg.head_dim * 4  # 1,000 tokens padded to 1,008: 126 per rank
     assert [(c.kind, c.bytes) for c in in_layer] == [("collective-permute", block)] * 14  # sp - 1 = 7 steps: k, v
     kv = [c for c in ops if c not in in_layer and c.bytes >= block]
