@@ -439,17 +439,6 @@ def model_config(model: str):
     return checkpoint.resolve(model).config
 
 
-def _prepare_name(model: str) -> str:
-    """A name `prepare` resolves without weights: a Hugging Face directory or config.json is registered
-    as a shape (the table of shapes without weights that explain and --random_weights use)."""
-    path = Path(model).expanduser()
-    if model in config_lib.SHAPES or not (path.suffix == ".json" or path.is_dir()):
-        return model
-    name = f"plan:{path.resolve()}"
-    config_lib.SHAPES.setdefault(name, model_config(model))
-    return name
-
-
 def tp_problem(cfg, tp: int) -> str | None:
     """Why tensor parallelism of degree tp cannot split this model, or None."""
     if cfg.num_heads % tp:
@@ -472,8 +461,7 @@ class Planner:
 
     def __init__(self, req: Request, hw: Hardware, cal: Calibration, dtype: str):
         self.req, self.hw, self.cal, self.dtype = req, hw, cal, dtype
-        self.name = _prepare_name(req.model)
-        self.cfg = model_config(req.model)
+        self.cfg = model_config(req.model)  # prepare takes the config itself: nothing is registered by name
         self.memory: dict[tuple, Memory | str] = {}
         self.programs: dict[tuple, Program] = {}
         self.compiles = 0
@@ -486,7 +474,7 @@ class Planner:
             from jaxinfer.runtime import prepare
 
             try:
-                setup = prepare(self.name, dict(tp=tp, ep=ep), dtype=self.dtype, random_weights=True, quant=quant)
+                setup = prepare(self.cfg, dict(tp=tp, ep=ep), dtype=self.dtype, random_weights=True, quant=quant)
             except JaxinferError as e:
                 self.memory[key] = str(e)
                 return self.memory[key]
@@ -534,10 +522,10 @@ class Planner:
         from jaxinfer.runtime import buckets, prepare
 
         chunk = min(PREFILL_CHUNK, self.req.isl)
-        shared = (self.name, tp, ep, pp, self.dtype, chunk, len(jax.devices()))
+        shared = (self.cfg, tp, ep, pp, self.dtype, chunk, len(jax.devices()))
         if shared in _PROGRAMS:
             return _PROGRAMS[shared]
-        setup = prepare(self.name, dict(tp=tp, ep=ep, pp=pp), dtype=self.dtype, random_weights=True, quant="none")
+        setup = prepare(self.cfg, dict(tp=tp, ep=ep, pp=pp), dtype=self.dtype, random_weights=True, quant="none")
         b, t, cache_len = buckets(1, chunk, 1, 1, setup.max_seq_len)
         cache = explain.abstract_cache(setup, b, cache_len)
         prefill, decode = explain.compile_steps(setup, cache, b, t, chunk)

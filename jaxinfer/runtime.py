@@ -260,7 +260,7 @@ def unstack(x) -> list:
 
 
 def prepare(
-    model: str,
+    model: str | ModelConfig,
     axes: dict[str, int],
     mesh: str | None = None,
     dtype: str | None = None,
@@ -274,7 +274,9 @@ def prepare(
     kv_cache_dtype: str = "auto",
     quantize_head: bool = False,
 ) -> Setup:
-    """Resolves the model and mesh and checks every constraint; reads no weights."""
+    """Resolves the model and mesh and checks every constraint; reads no weights. `model` names a
+    checkpoint or a built-in shape, or is a ModelConfig: a shape without weights, named by nothing (for
+    `plan`, which plans a Hugging Face config.json without registering it anywhere)."""
     t0 = time.perf_counter()
     check_quant(quant)
     check_kv_cache_dtype(kv_cache_dtype)
@@ -291,7 +293,10 @@ def prepare(
         shape = sharding.mesh_shape(**axes)
     if dtype is not None and dtype not in DTYPES:
         raise JaxinferError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    source = checkpoint.resolve(model)
+    if isinstance(model, ModelConfig):
+        source = checkpoint.Source("shape", None, model, None)
+    else:
+        source = checkpoint.resolve(model)
     if source.kind == "shape" and not random_weights:
         raise JaxinferError(f"{model!r} is a model shape without weights; pass random_weights=True (--random_weights)")
     # What the weights are held in: "auto" and the checkpoint's own formats resolved against what it stores.

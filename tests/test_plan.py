@@ -213,9 +213,11 @@ def test_a_config_json_alone_plans_like_the_built_in_shape(tmp_path):
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(hf))
+    shapes = dict(config_lib.SHAPES)
     mine, builtin = _planner(_req(str(path))), _planner(_req())
     for tp in (1, 4):
         a, b = mine.memory_of(tp, 1, "int8"), builtin.memory_of(tp, 1, "int8")
         assert (a.stacked, a.other, a.kv_per_token) == (b.stacked, b.other, b.kv_per_token)
+    assert config_lib.SHAPES == shapes  # prepare took the config itself: nothing registered under a made-up name
     with pytest.raises(JaxinferError, match=r"exceed .*config.json's context of 8192"):
         plan.check_request(_req(str(path), isl=8192))
