@@ -290,6 +290,30 @@ def compile_steps(setup: Setup, cache, b: int, t: int, prompt_len: int):
     return prefill, decode
 
 
+def compile_engine_steps(setup: Setup, chunk: int, page_size: int = 16):
+    """The serving engine's programs over its page pool (split over sp when sp > 1, as
+    jaxinfer/executor.py builds it), compiled against abstract weights and an abstract pool: a prompt's
+    first chunk of `chunk` tokens (as ring attention over sp; None at sp = 1, where it is an ordinary
+    chunk), a later chunk, and one decode step of one sequence, both over a context of two chunks."""
+    split = setup.page_split
+    sp = setup.mesh.shape["sp"]
+    width = 1 << max(0, -(-2 * chunk // page_size) - 1).bit_length()  # block-table entries, a power of two
+    k, v = setup.cache_layout(setup.page_shape(sp * (-(-width // sp) + 1), page_size), kv_cache.PAGE_AXES)
+    tables, valid = np.zeros((1, width), np.int32), np.ones((1, chunk), bool)
+    tokens = positions = np.zeros((1, chunk), np.int32)
+    args = (setup.graphdef, setup.abstract, k, v, tables, valid, tokens, positions)
+    extra = {} if split is None else {"split": split}  # (jit keys an explicit None apart)
+    ring = None if split is None else steps.prefill_chunk_ring.lower(*args, split=split).compile()
+    later = steps.prefill_chunk.lower(*args, **extra).compile()
+    sampling, _ = setup.sampling_arrays(SamplingParams(temperature=0), 1, 1)
+    cache = kv_cache.PagedKVCache(k, v, tables, np.ones((1, 1), bool), split)
+    column = setup.put(np.zeros(1, np.int32))
+    decode = steps.decode.lower(
+        setup.graphdef, setup.abstract, cache, column, column, sampling, n_steps=1, greedy_only=True
+    ).compile()
+    return ring, later, decode
+
+
 def format_report(r: dict) -> str:
     gib = 1 << 30
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"

@@ -288,9 +288,10 @@ class Program:
     prefill: list
     activation_bytes: int
     compiled: bool  # False: pp hand-overs derived from the pp=1 program (too few devices to compile pp=2)
+    ring: list | None = None  # sp > 1: a prompt's first chunk, split over sp as ring attention
 
 
-# Compiled programs by (model, tp, ep, pp, dtype, prefill chunk): a process that plans twice compiles once.
+# Compiled programs by (model, tp, ep, pp, sp, dtype, prefill chunk): a process that plans twice compiles once.
 _PROGRAMS: dict[tuple, Program] = {}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
@@ -457,7 +458,7 @@ def divisors(n: int) -> list[int]:
 
 
 class Planner:
-    """Figures cached per (tp, ep, quant) and programs per (tp, ep, pp in {1, 2})."""
+    """Figures cached per (tp, ep, sp, quant) and programs per (tp, ep, pp in {1, 2}, sp)."""
 
     def __init__(self, req: Request, hw: Hardware, cal: Calibration, dtype: str):
         self.req, self.hw, self.cal, self.dtype = req, hw, cal, dtype
@@ -468,13 +469,14 @@ class Planner:
 
     # -- figures --
 
-    def memory_of(self, tp: int, ep: int, quant: str) -> Memory | str:
-        key = (tp, ep, quant)
+    def memory_of(self, tp: int, ep: int, quant: str, sp: int = 1) -> Memory | str:
+        key = (tp, ep, sp, quant)
         if key not in self.memory:
             from jaxinfer.runtime import prepare
 
             try:
-                setup = prepare(self.cfg, dict(tp=tp, ep=ep), dtype=self.dtype, random_weights=True, quant=quant)
+                axes = dict(tp=tp, ep=ep, sp=sp)
+                setup = prepare(self.cfg, axes, dtype=self.dtype, random_weights=True, quant=quant)
             except JaxinferError as e:
                 self.memory[key] = str(e)
                 return self.memory[key]
@@ -485,22 +487,25 @@ class Planner:
                 stacked,
                 explain.per_device_param_bytes(setup, explain.EXPERT_PARAMS),
                 explain.per_device_param_bytes(setup) - stacked,
-                explain.pool_bytes_per_token(setup),  # the serving engine's page pool, per token
+                explain.pool_bytes_per_token(setup),  # the serving engine's page pool, per token (1/sp of it)
                 0 if setup.config.tie_word_embeddings else explain.per_device_param_bytes(setup, ("embed",)),
             )
         return self.memory[key]
 
-    def program(self, tp: int, ep: int, pp: int) -> Program:
+    def program(self, tp: int, ep: int, pp: int, sp: int = 1) -> Program:
         """Collectives and activation peak of (tp, ep) compiled at pp = 1; for pp > 1 the same plus the
         collectives that cross pipeline stages, read from one program compiled at tp = ep = 1, pp = 2 (a
         stage hands over its activations whole, replicated over tp and ep, so their bytes do not depend
-        on tp or ep, and more stages repeat the same hand-over once per tick)."""
+        on tp or ep, and more stages repeat the same hand-over once per tick). With sp > 1 (pp = 1), the
+        serving engine's programs over its page pool split over sp (`_compile_engine`)."""
         import jax
 
-        key = (tp, ep, min(pp, 2))
+        key = (tp, ep, min(pp, 2), sp)
         if key in self.programs:
             return self.programs[key]
-        if pp == 1:
+        if sp > 1:
+            self.programs[key] = self._compile_engine(tp, ep, sp)
+        elif pp == 1:
             self.programs[key] = self._compile(tp, ep, 1)
         elif len(jax.devices()) < 2:
             self.programs[key] = dataclasses.replace(self.program(tp, ep, 1), pp=2, compiled=False)
@@ -522,7 +527,7 @@ class Planner:
         from jaxinfer.runtime import buckets, prepare
 
         chunk = min(PREFILL_CHUNK, self.req.isl)
-        shared = (self.cfg, tp, ep, pp, self.dtype, chunk, len(jax.devices()))
+        shared = (self.cfg, tp, ep, pp, 1, self.dtype, chunk, len(jax.devices()))
         if shared in _PROGRAMS:
             return _PROGRAMS[shared]
         setup = prepare(self.cfg, dict(tp=tp, ep=ep, pp=pp), dtype=self.dtype, random_weights=True, quant="none")
@@ -540,6 +545,30 @@ class Planner:
             # makes): the chunk's activations
             max(0, temp[0] - temp[1]),
             True,
+        )
+        return _PROGRAMS[shared]
+
+    def _compile_engine(self, tp: int, ep: int, sp: int) -> Program:
+        """The serving engine's programs at sp > 1 (the static path's decode does not split the KV over sp
+        as the engine does): a prompt's first chunk as ring attention, a later chunk and a decode step,
+        each attending on every sp rank to its own pages and merging the partials with one all-gather
+        per layer (explain.compile_engine_steps)."""
+        import jax
+
+        from jaxinfer.runtime import buckets, prepare
+
+        chunk = min(PREFILL_CHUNK, self.req.isl)
+        shared = (self.cfg, tp, ep, 1, sp, self.dtype, chunk, len(jax.devices()))
+        if shared in _PROGRAMS:
+            return _PROGRAMS[shared]
+        setup = prepare(self.cfg, dict(tp=tp, ep=ep, sp=sp), dtype=self.dtype, random_weights=True, quant="none")
+        t = buckets(1, chunk, 1, 1, setup.max_seq_len)[1]  # the engine's chunk shapes: powers of two
+        ring, later, decode = explain.compile_engine_steps(setup, t)
+        self.compiles += 1
+        temp = [(p.memory_analysis().temp_size_in_bytes if p.memory_analysis() else 0) for p in (ring, later, decode)]
+        read = lambda p, tokens: read_collectives(p, setup.mesh, self.cfg.num_layers, setup.dtype, tokens)  # noqa: E731
+        _PROGRAMS[shared] = Program(
+            1, read(decode, 1), read(later, t), max(0, max(temp[:2]) - temp[2]), True, ring=read(ring, t)
         )
         return _PROGRAMS[shared]
 
@@ -575,24 +604,29 @@ class Planner:
         decode: bool,
         nodes: int,
         scanned: bool | None = None,
+        ring: bool = False,
     ) -> float:
         """Seconds of one step on one replica: a decode step over `tokens` sequences of `kv_len` tokens of
         context each, or one sequence's prefill chunk of `tokens` tokens ending at `kv_len`. With pp
-        stages the batch runs in M micro-batches over M + pp - 1 ticks (the bubble)."""
+        stages the batch runs in M micro-batches over M + pp - 1 ticks (the bubble). With sp > 1 each
+        rank holds 1/sp of the KV: a step attends on every rank to its share of the keys (the chunk's
+        tokens all run on every rank), or, a prompt's first chunk (`ring`), each rank runs 1/sp of the
+        tokens against all the chunk's keys."""
         cal, hw, cfg = self.cal, self.hw, self.cfg
-        tp, ep = mem.setup.mesh.shape["tp"], mem.setup.mesh.shape["ep"]
+        tp, ep, sp = (mem.setup.mesh.shape[a] for a in ("tp", "ep", "sp"))
         seqs = tokens if decode else 1
         m = pipeline.microbatch_count(seqs, pp)
         mb = tokens // m  # tokens per micro-batch
         # Simulated CPU devices draw on one memory system and one set of cores: those working at once share it.
-        active = tp * ep * min(m, pp) if hw.shared else 1
+        active = tp * ep * sp * min(m, pp) if hw.shared else 1
         bw = hw.bandwidth * cal.bandwidth_fraction / active
         peak = hw.flops(mem.quant) * cal.flops_fraction / active
         kv = mem.kv_per_token / pp * (mb * kv_len if decode else kv_len)
         passes = self.cal.scan_weight_passes if (pp > 1 if scanned is None else scanned) else 1.0
         layer_bytes = mem.stacked_read(mb) * passes / pp + kv
-        layer_flops = explain.matmul_flops(mem.setup, mb, kv_len, 0) / pp
-        colls = prog.decode if decode else prog.prefill
+        flop_tokens, attended = (mb / sp, kv_len) if ring else (mb, kv_len / sp)
+        layer_flops = explain.matmul_flops(mem.setup, flop_tokens, attended, 0) / pp
+        colls = prog.decode if decode else prog.ring if ring else prog.prefill
         comm = sum(c.weight * self._coll_time(c, mb, c.size, nodes) for c in colls if c.in_layer) * cfg.num_layers / pp
         work = max(layer_bytes / bw, layer_flops / peak)
         if hw.shared and hw.cores and active > hw.cores:
@@ -601,7 +635,7 @@ class Planner:
             work *= math.ceil(active / hw.cores) * hw.cores / active
         tick = work + comm
         # Embedding lookup and head run outside the stages, on every device of the replica.
-        every = tp * ep * pp if hw.shared else 1
+        every = tp * ep * sp * pp if hw.shared else 1
         other = max(
             mem.other_read(tokens) * every / (hw.bandwidth * cal.bandwidth_fraction),
             explain.matmul_flops(mem.setup, 0, 0, seqs) * every / (hw.flops(mem.quant) * cal.flops_fraction),
@@ -628,8 +662,17 @@ class Planner:
 
     # -- the search --
 
+    def sps(self, tp: int, ep: int) -> list[int]:
+        """The sp degrees searched beside (tp, ep): 1, and when the prompt spans several prefill chunks
+        (where splitting it pays), powers of two while tp * ep * sp stays inside a node: the ring's
+        permutes and decode's per-layer all-gather ride NVLink like tp's all-reduces. Only at pp = 1:
+        sequence parallelism does not run inside pipeline stages yet (jaxinfer/sharding.py)."""
+        if self.req.isl <= PREFILL_CHUNK:
+            return [1]
+        return [1] + [1 << k for k in range(1, 8) if tp * ep << k <= self.req.gpus_per_node]
+
     def candidates(self, quants):
-        """(tp, ep, pp, quant) by the search rules, and one line per family the rules rule out."""
+        """(tp, ep, pp, quant, sp) by the search rules, and one line per family the rules rule out."""
         cfg, gpn, total = self.cfg, self.req.gpus_per_node, self.req.gpus_per_node * self.req.nodes
         out, rejected = [], []
         wide = [t for t in divisors(cfg.num_heads) if t > gpn]
@@ -652,18 +695,18 @@ class Planner:
                         break
                     if tp * ep * pp > gpn and (tp * ep * pp) % gpn:
                         continue  # a replica spanning nodes takes whole nodes
-                    for q in quants:
-                        out.append((tp, ep, pp, q))
+                    for sp in self.sps(tp, ep) if pp == 1 else [1]:
+                        out.extend((tp, ep, pp, q, sp) for q in quants)
         if cfg.num_experts and gpn < cfg.num_experts:
             rejected.append(f"ep > {gpn}: expert parallelism stays inside a node (all-to-all over NVLink)")
         return out, rejected
 
-    def evaluate(self, tp, ep, pp, quant) -> dict | str:
+    def evaluate(self, tp, ep, pp, quant, sp: int = 1) -> dict | str:
         req, hw = self.req, self.hw
-        mem = self.memory_of(tp, ep, quant)
+        mem = self.memory_of(tp, ep, quant, sp)
         if isinstance(mem, str):
             return mem
-        gpr = tp * ep * pp
+        gpr = tp * ep * pp * sp
         nodes = max(1, -(-gpr // req.gpus_per_node))
         replicas = (req.gpus_per_node * req.nodes) // gpr
         usable = hw.memory * req.gpu_memory_utilization
@@ -671,14 +714,14 @@ class Planner:
         kv_tok = mem.kv_per_token // pp
         seq_len = req.isl + req.osl
         # compile only what the weights and one sequence leave room for
-        activation = self.program(tp, ep, pp).activation_bytes if weights + kv_tok * seq_len <= usable else 0
+        activation = self.program(tp, ep, pp, sp).activation_bytes if weights + kv_tok * seq_len <= usable else 0
         kv_budget = usable - weights - activation
         seqs = int(kv_budget // (kv_tok * seq_len)) if kv_budget > 0 else 0
         row = dict(
             tp=tp,
             pp=pp,
             ep=ep,
-            sp=1,
+            sp=sp,
             replicas=replicas,
             quant=quant,
             gpus_per_replica=gpr,
@@ -690,14 +733,14 @@ class Planner:
         if seqs < 1:
             row["short_bytes"] = int(weights + activation + kv_tok * seq_len - usable)
             return row
-        prog = self.program(tp, ep, pp)
+        prog = self.program(tp, ep, pp, sp)
         ctx = req.isl + req.osl / 2  # mean context over a sequence's decode
         tpot = lambda b: self.step_time(mem, prog, pp, b, ctx, True, nodes)  # noqa: E731
         chunk = min(PREFILL_CHUNK, req.isl)
-        prefill = sum(
-            self.step_time(mem, prog, pp, min(chunk, req.isl - s), s + min(chunk, req.isl - s), False, nodes)
-            for s in range(0, req.isl, chunk)
-        )
+        spans = [(s, min(chunk, req.isl - s)) for s in range(0, req.isl, chunk)]
+        # over sp the engine runs a prompt's first chunk as ring attention when it has 2 sp tokens or more
+        ring = sp > 1 and spans[0][1] >= 2 * sp
+        prefill = sum(self.step_time(mem, prog, pp, n, s + n, False, nodes, ring=ring and s == 0) for s, n in spans)
         target = req.tpot_ms / 1e3
         # The largest batch the pool holds whose TPOT meets the target. With pp stages, batches of a
         # multiple of pp fill every micro-batch (M = pp); TPOT grows with the batch along those.
@@ -756,20 +799,20 @@ def plan(req: Request) -> dict:
     t0 = time.perf_counter()
     cands, rejected = planner.candidates(quants)
     rows, misfits = [], {}
-    for tp, ep, pp, q in cands:
-        r = planner.evaluate(tp, ep, pp, q)
+    for tp, ep, pp, q, sp in cands:
+        r = planner.evaluate(tp, ep, pp, q, sp)
         if isinstance(r, str):
-            rejected.append(f"tp={tp} ep={ep} quant={q}: {r}")
+            rejected.append(f"tp={tp} ep={ep} sp={sp} quant={q}: {r}")
             continue
         if r["max_concurrent_seqs"] < 1:
-            misfits.setdefault((tp, ep, q), []).append(r)
+            misfits.setdefault((tp, ep, sp, q), []).append(r)
             continue
         rows.append(r)
-    for (tp, ep, q), rs in misfits.items():
+    for (tp, ep, sp, q), rs in misfits.items():
         worst = max(rs, key=lambda r: r["pp"])
         pps = ",".join(str(r["pp"]) for r in rs)
         rejected.append(
-            f"tp={tp}{f' ep={ep}' if ep > 1 else ''} pp={pps} {q}: does not fit: at pp={worst['pp']} "
+            f"{_family(tp, ep, sp)} pp={pps} {q}: does not fit: at pp={worst['pp']} "
             f"{worst['short_bytes'] / 1e9:.2f} GB per GPU over {req.gpu_memory_utilization:.0%} of "
             f"{hw.memory / 1e9:.0f} GB (weights {worst['weight_bytes_per_gpu'] / 1e9:.1f} GB + one sequence's KV)"
         )
@@ -787,7 +830,7 @@ def plan(req: Request) -> dict:
             "or use faster GPUs"
         )
     rec = good[0]
-    for (tp, ep, q), group in _families(rows).items():
+    for (tp, ep, sp, q), group in _families(rows).items():
         if not any(r["meets_targets"] for r in group):
             fast = min(group, key=lambda r: r["tpot_ms"])
             reason = (
@@ -795,12 +838,8 @@ def plan(req: Request) -> dict:
                 if fast["tpot_ms"] > req.tpot_ms
                 else f"misses the TTFT target: predicted {fast['ttft_ms']:.0f} ms vs {req.ttft_ms:g} ms asked"
             )
-            rejected.append(f"tp={tp}{f' ep={ep}' if ep > 1 else ''} {q} (any pp): {reason}")
-    rejected.append(
-        "sp > 1: not searched yet (the programs compiled here are the static path's, whose decode does not "
-        f"split the KV pool over sp as the engine does); planned with chunked prefill of {min(PREFILL_CHUNK, req.isl)} "
-        "tokens instead"
-    )
+            rejected.append(f"{_family(tp, ep, sp)} {q} (any pp): {reason}")
+    rejected.append(_sp_note(req))
     why = _why(rec, good, rows, req)
     log.info(
         "planned %d configurations, %d meshes compiled, in %.1fs", len(rows), planner.compiles, time.perf_counter() - t0
@@ -826,13 +865,33 @@ def plan(req: Request) -> dict:
 def _families(rows):
     out: dict[tuple, list] = {}
     for r in rows:
-        out.setdefault((r["tp"], r["ep"], r["quant"]), []).append(r)
+        out.setdefault((r["tp"], r["ep"], r["sp"], r["quant"]), []).append(r)
     return out
 
 
+def _family(tp: int, ep: int, sp: int) -> str:
+    return f"tp={tp}" + (f" ep={ep}" if ep > 1 else "") + (f" sp={sp}" if sp > 1 else "")
+
+
 def _describe(r: dict) -> str:
-    parts = [f"tp={r['tp']}", f"pp={r['pp']}"] + ([f"ep={r['ep']}"] if r["ep"] > 1 else [])
+    parts = [f"tp={r['tp']}", f"pp={r['pp']}"] + [f"{a}={r[a]}" for a in ("ep", "sp") if r[a] > 1]
     return " ".join(parts) + f" {r['quant'] if r['quant'] != 'none' else 'unquantized'}"
+
+
+def _sp_note(req: Request) -> str:
+    """What the search did with sequence parallelism, and why not more."""
+    chunk = min(PREFILL_CHUNK, req.isl)
+    if req.isl <= PREFILL_CHUNK:
+        return (
+            f"sp > 1: not searched: the prompt ({req.isl} tokens) is one prefill chunk of {chunk}; sequence "
+            f"parallelism splits long prompts (searched when isl > {PREFILL_CHUNK})"
+        )
+    return (
+        f"sp > 1: searched at pp = 1 only (sp with pp > 1 does not run yet: jaxinfer/sharding.py rejects it) and "
+        f"inside a node (tp*ep*sp <= {req.gpus_per_node}: the ring's permutes and decode's per-layer all-gather "
+        f"stay on NVLink); with sp the engine's page pool is split over sp, a prompt's first chunk of {chunk} "
+        "tokens runs as ring attention and later chunks and decode attend on each rank to its own pages"
+    )
 
 
 def _why(rec: dict, good: list, rows: list, req: Request) -> str:

@@ -45,16 +45,22 @@ def test_search_rules():
     cands, rejected = p.candidates(("none",))
     cfg = p.cfg
     assert cands and all(
-        cfg.num_heads % tp == 0 and tp <= 8 and cfg.num_layers % pp == 0 and ep == 1 for tp, ep, pp, _ in cands
+        cfg.num_heads % tp == 0 and tp <= 8 and cfg.num_layers % pp == 0 and ep == 1 for tp, ep, pp, *_ in cands
     )
     assert {tp for tp, *_ in cands} == {1, 2, 4, 8}
-    assert {pp for tp, _, pp, _ in cands if tp == 8} == {1, 2}  # 16 GPUs
-    assert (1, 1, 16, "none") in cands and (2, 1, 5, "none") not in cands  # 10 GPUs would not be whole nodes
+    assert {pp for tp, _, pp, *_ in cands if tp == 8} == {1, 2}  # 16 GPUs
+    assert (1, 1, 16, "none", 1) in cands and (2, 1, 5, "none", 1) not in cands  # 10 GPUs would not be whole nodes
+    assert {sp for *_, sp in cands} == {1}  # a prompt of one prefill chunk: sp not searched
     assert rejected[0].startswith("tp=16,32,64: TP across nodes (tp must be <= --gpus_per_node=8)")
     moe = _planner(_req("qwen3-30b-a3b"))
     cands, _ = moe.candidates(("none",))
-    assert {ep for _, ep, _, _ in cands} == {1, 2, 4, 8}
-    assert all(128 % ep == 0 and tp * ep * pp <= 8 and 48 % pp == 0 for tp, ep, pp, _ in cands)
+    assert {ep for _, ep, *_ in cands} == {1, 2, 4, 8}
+    assert all(128 % ep == 0 and tp * ep * pp <= 8 and 48 % pp == 0 for tp, ep, pp, *_ in cands)
+    # a long prompt: sp in powers of two beside tp and ep inside a node, at pp = 1 only
+    long = _planner(_req("llama3-70b", nodes=2, isl=4096))
+    cands, _ = long.candidates(("none",))
+    assert {(tp, sp) for tp, _, pp, _, sp in cands if sp > 1} == {(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 2)}
+    assert all(pp == 1 for _, _, pp, _, sp in cands if sp > 1)
     # tp must divide the heads and divide, or be a multiple of, the kv heads
     odd = config_lib.ModelConfig("llama", 100, 48, 96, 4, 12, 4, 4)
     assert plan.tp_problem(odd, 6) == "neither divides nor is a multiple of the 4 kv heads"
@@ -221,3 +227,49 @@ def test_a_config_json_alone_plans_like_the_built_in_shape(tmp_path):
     assert config_lib.SHAPES == shapes  # prepare took the config itself: nothing registered under a made-up name
     with pytest.raises(JaxinferError, match=r"exceed .*config.json's context of 8192"):
         plan.check_request(_req(str(path), isl=8192))
+
+
+def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
+    """A 64k-token prompt on a small model whose 2 heads cap tp at 2, with 4 GPUs per node: splitting
+    the prompt over sp as well is the only way to the TTFT asked, and the planner says so; sp rows hold
+    the weights whole on every sp rank (fewer tokens/s per GPU) and 1/sp of the KV pool."""
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 1024,
+        "max_position_embeddings": 131072,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    req = _req(str(path), gpus_per_node=4, isl=65536, quant="none", ttft_ms=45)
+    r = plan.plan(req)
+    rows = {(x["tp"], x["pp"], x["sp"]): x for x in r["_rows"]}
+    assert set(rows) == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2)}
+    rec = r["recommended"]
+    assert (rec["tp"], rec["pp"], rec["sp"], rec["gpus_per_replica"]) == (2, 1, 2, 4)
+    assert r["why"].startswith("tp=2 pp=1 sp=2 unquantized x 1 replicas")
+    one, two = rows[(2, 1, 1)], rows[(2, 1, 2)]
+    assert two["ttft_ms"] <= 45 < min(x["ttft_ms"] for x in r["_rows"] if x["sp"] == 1)
+    assert rows[(1, 1, 4)]["ttft_ms"] < rows[(1, 1, 2)]["ttft_ms"] < rows[(1, 1, 1)]["ttft_ms"]
+    # without the TTFT target tp alone gives more tokens/s per GPU: sp ranks each read the whole weights
+    assert one["tokens_per_s_per_gpu"] > two["tokens_per_s_per_gpu"] and not one["meets_targets"]
+    # memory: the weights are whole on every sp rank, the page pool is split over sp
+    p = _planner(req)
+    for tp in (1, 2):
+        whole, split = p.memory_of(tp, 1, "none"), p.memory_of(tp, 1, "none", sp=2)
+        assert split.weights(1) == whole.weights(1) and split.kv_per_token * 2 == whole.kv_per_token
+    assert two["weight_bytes_per_gpu"] == one["weight_bytes_per_gpu"]
+    assert two["max_concurrent_seqs"] >= 2 * one["max_concurrent_seqs"]  # 4 GPUs' pool against 2 GPUs'
+    # the engine's programs: decode merges the sp ranks' partials with one all-gather per layer; the
+    # first chunk's ring passes k and v at each of the sp - 1 steps
+    prog = p.program(2, 1, 1, sp=2)
+    over_sp = [c for c in prog.decode if c.in_layer and c.axes == frozenset({"sp"})]
+    assert [c.kind for c in over_sp] == ["all-gather"] and sum(c.weight for c in over_sp) == 1
+    permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
+    assert sum(c.weight for c in permutes) == 2 * (2 - 1) and all(c.axes == frozenset({"sp"}) for c in permutes)
+    assert "sp > 1: searched at pp = 1 only" in plan.format_plan(r)
