@@ -4,16 +4,28 @@ latency target.
 Memory comes from explain's figures: the parameters and the KV cache as the rules table shards them
 over the mesh (abstract arrays, nothing made), and the activation peak from the compiled prefill and
 decode programs. Time comes from a roofline per device, max(bytes / bandwidth, flops / peak), plus every
-collective of the compiled programs over the link it crosses (tp and ep inside a node, pp between nodes
-once a replica spans several), plus the pipeline bubble and a fixed per-step overhead. What fraction of
-the peaks a step reaches, and that overhead, come from a calibration file fitted to `bench` results.
+collective of the compiled programs over the link it crosses (tp, ep and sp inside a node, pp between
+nodes once a replica spans several), plus the pipeline bubble and a fixed per-step overhead. What fraction
+of the peaks a step reaches, and that overhead, come from a calibration file fitted to `bench` results.
 
-Compiles are bounded: memory is read per (tp, ep, quant) from the shardings at pp = 1 (a stacked layer
-weight and the cache split exactly 1/pp over pp; embedding and head sit on every stage: no compile),
-collectives per (tp, ep) from a program compiled at pp = 1, and the stage hand-overs from one program
-compiled at pp = 2 (their count per step follows the pipeline's schedule, M + pp - 2). Collectives are
-read from the unquantized program at the activation dtype, which is what every weight format moves.
-So a plan compiles (number of valid (tp, ep)) + 1 programs, each a prefill and a decode step.
+Sequence parallelism is planned as the serving engine runs it: the page pool split over sp (each rank
+holds the weights whole and 1/sp of the KV), a prompt's first prefill chunk as ring attention (1/sp of
+its tokens per rank against all its keys, the ring's permutes on the link), later chunks and decode run
+on every rank over its own pages, 1/sp of the keys, with one all-gather per layer merging the partials.
+So sp shortens the TTFT of a long prompt (its attention) and lets a context fit, at the price of weights
+read on every sp rank: it is searched at pp = 1 (sp inside pipeline stages does not run yet), inside a
+node beside tp and ep, when the prompt spans several prefill chunks, and wins where a TTFT needs more
+than tp alone gives.
+
+Compiles are bounded: memory is read per (tp, ep, sp, quant) from the shardings at pp = 1 (a stacked
+layer weight and the cache split exactly 1/pp over pp; embedding and head sit on every stage: no
+compile), collectives per (tp, ep) from the static path's programs compiled at pp = 1, and the stage
+hand-overs from one program compiled at pp = 2 (their count per step follows the pipeline's schedule,
+M + pp - 2); with sp > 1, per (tp, ep, sp) from the engine's programs over the split pool
+(explain.compile_engine_steps). Collectives are read from the unquantized program at the activation
+dtype, which is what every weight format moves. So a plan compiles (number of valid (tp, ep)) + (number
+of valid (tp, ep, sp > 1)) + 1 programs, each a prefill and a decode step (three for sp: the ring chunk,
+a later chunk, decode).
 """
 
 from __future__ import annotations
@@ -904,6 +916,13 @@ def _why(rec: dict, good: list, rows: list, req: Request) -> str:
     )
     if rec["nodes_per_replica"] == 1:
         s += ", and a replica stays inside one node"
+    whole = [r for r in rows if r["sp"] == 1]
+    if rec["sp"] > 1 and whole:
+        fast = min(whole, key=lambda r: r["ttft_ms"])
+        s += (
+            f"; splitting each prompt over sp={rec['sp']} gives a TTFT of {rec['ttft_ms']:.0f} ms, where the "
+            f"shortest at sp = 1 is {fast['ttft_ms']:.0f} ms ({_describe(fast)})"
+        )
     unq = [r for r in good if r["quant"] == "none"]
     if rec["quant"] != "none" and unq:
         s += f"; unquantized, the best is {unq[0]['tokens_per_s_per_gpu']:.0f} tokens/s per GPU ({_describe(unq[0])})"
