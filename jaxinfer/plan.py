@@ -850,7 +850,7 @@ def plan(req: Request) -> dict:
                 if fast["tpot_ms"] > req.tpot_ms
                 else f"misses the TTFT target: predicted {fast['ttft_ms']:.0f} ms vs {req.ttft_ms:g} ms asked"
             )
-            rejected.append(f"{_family(tp, ep, sp)} {q} (any pp): {reason}")
+            rejected.append(f"{_family(tp, ep, sp)} {q} ({'any pp' if sp == 1 else 'pp = 1'}): {reason}")
     rejected.append(_sp_note(req))
     why = _why(rec, good, rows, req)
     log.info(

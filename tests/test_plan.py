@@ -253,6 +253,7 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     rec = r["recommended"]
     assert (rec["tp"], rec["pp"], rec["sp"], rec["gpus_per_replica"]) == (2, 1, 2, 4)
     assert r["why"].startswith("tp=2 pp=1 sp=2 unquantized x 1 replicas")
+    assert "splitting each prompt over sp=2 gives a TTFT of " in r["why"]
     one, two = rows[(2, 1, 1)], rows[(2, 1, 2)]
     assert two["ttft_ms"] <= 45 < min(x["ttft_ms"] for x in r["_rows"] if x["sp"] == 1)
     assert rows[(1, 1, 4)]["ttft_ms"] < rows[(1, 1, 2)]["ttft_ms"] < rows[(1, 1, 1)]["ttft_ms"]
