@@ -274,3 +274,6 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
     assert sum(c.weight for c in permutes) == 2 * (2 - 1) and all(c.axes == frozenset({"sp"}) for c in permutes)
     assert "sp > 1: searched at pp = 1 only" in plan.format_plan(r)
+    out = json.loads(plan.to_json(r))
+    assert out["recommended"]["sp"] == 2 and {c["sp"] for c in out["configs"]} == {1, 2, 4}
+    assert all(c["gpus_per_replica"] == c["tp"] * c["pp"] * c["ep"] * c["sp"] for c in out["configs"])
