@@ -149,6 +149,7 @@ class KVCache(NamedTuple):
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
     splits_seq = False  # the layers' tokens are not split over sp (models/ring_attention.SeqKV's are)
+    sp_dim = None  # no dimension of k/v lies split over sp
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
@@ -163,12 +164,20 @@ class KVCache(NamedTuple):
         )
         return attention(q, k, v, q_pos, sliding_window)
 
-    def rows(self, start, size: int) -> KVCache:
+    def rows(self, start, size: int, active=True) -> KVCache:
         """The cache of batch rows [start, start + size) (a pipeline micro-batch)."""
         return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, axis=1), self)
 
-    def put_rows(self, view: KVCache, start) -> KVCache:
-        return jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1), self, view)
+    def put_rows(self, view: KVCache, start, active=True) -> KVCache:
+        """`view` (from `rows`) written back; when `active` is False (an idle pipeline tick), its rows as
+        they were."""
+
+        def put(c, w):
+            if active is not True:
+                w = jnp.where(active, w, jax.lax.dynamic_slice_in_dim(c, start, w.shape[1], axis=1))
+            return jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1)
+
+        return jax.tree.map(put, self, view)
 
 
 CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
@@ -198,6 +207,11 @@ class PagedKVCache(NamedTuple):
     split: object = None
     splits_seq = False  # its pages may be split over sp, the layers' tokens are not
 
+    @property
+    def sp_dim(self) -> int | None:
+        """The dimension of k/v split over sp: pages, when the pool is split."""
+        return None if self.split is None else 1
+
     def update(self, layer, k, v, q_pos) -> PagedKVCache:
         page_size = self.k.shape[2]
         pages = jnp.take_along_axis(self.block_tables, q_pos // page_size, axis=1)  # [B, T]
@@ -223,12 +237,13 @@ class PagedKVCache(NamedTuple):
         k, v = (jax.tree.map(gather, c) for c in (self.k, self.v))
         return attention(q, k, v, q_pos, sliding_window)
 
-    def rows(self, start, size: int) -> PagedKVCache:
-        """Batch rows [start, start + size): their block tables; the pages are shared."""
+    def rows(self, start, size: int, active=True) -> PagedKVCache:
+        """Batch rows [start, start + size): their block tables; the pages are shared. When `active` is
+        False (an idle pipeline tick) every token counts as padding, so its writes land on the null page."""
         tables, valid = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=0) for a in (self.block_tables, self.valid))
-        return self._replace(block_tables=tables, valid=valid)
+        return self._replace(block_tables=tables, valid=valid & active)
 
-    def put_rows(self, view: PagedKVCache, start) -> PagedKVCache:
+    def put_rows(self, view: PagedKVCache, start, active=True) -> PagedKVCache:
         return self._replace(k=view.k, v=view.v)
 
 
