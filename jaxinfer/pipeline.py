@@ -1,7 +1,7 @@
 """Pipeline parallelism: the stacked layers split into contiguous stages over the `pp` mesh axis.
 
-All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, so tensor parallelism
-inside a stage is still derived by XLA). The batch is cut into micro-batches; at tick t stage s works
+All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, and `sp` when sp > 1, so
+tensor parallelism inside a stage is still derived by XLA). The batch is cut into micro-batches; at tick t stage s works
 on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so only boundary
 activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
 which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
@@ -9,15 +9,18 @@ which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
 With sequence parallelism (sp > 1) the stage's shard_map is manual over `pp` and `sp`: a ring prefill's
 activations come in split on their seq dimension (and its K/V, `SeqKV`, alike), the engine's page pool
 split on pages, and the layers run the ring's and the split pool's per-rank code, their own shard_maps
-leaving the axes already manual out (`sharding.shard_map`). An idle tick then still runs its layers and
-drops the result instead of skipping them under `lax.cond`: XLA:CPU crashes (a segfault at run time)
-on the ring's collectives over sp inside a conditional that only some stages take. The static path's
-decode over its unsplit cache has no such collective and keeps the cond.
+leaving the axes already manual out (`sharding.shard_map`). In a ring prefill an idle tick still runs
+its layers, and its K/V is dropped, instead of skipping them under `lax.cond`: XLA:CPU rendezvouses a
+collective-permute with every device of the program, not just its source-target pairs, so the ring's
+permutes over sp inside a cond that only some stages take wait for devices that never come (it aborts
+or segfaults). Its all-gathers and all-reduces meet per replica group, so the split pool's all-gather
+and tp's all-reduces stay inside the cond.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +52,7 @@ class Pipeline:
         m = microbatch_count(batch, self.microbatches)
         mb = batch // m
         sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
-        # k/v's dimension split over sp (a ring prefill's seq, the engine's pages): the layers then hold
-        # collectives over sp
-        split = cache.sp_dim if sp else None
+        split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages
 
         def staged(stacked, x, cache, positions, cos, sin):
             stage = jax.lax.axis_index("pp")
@@ -63,13 +64,15 @@ class Pipeline:
                 start = jnp.clip(k, 0, m - 1) * mb
                 inp = jnp.where(stage == 0, rows(x, min(tick, m - 1) * mb), state)
 
-                def work(inp, cache, start=start, active=True):
-                    view = cache.rows(start, mb, active)
-                    y, view = run(stacked, inp, view, rows(positions, start), rows(cos, start), rows(sin, start))
-                    return jnp.where(active, y, inp), cache.put_rows(view, start, active)
+                def work(inp, cache, start=start):
+                    y, view = run(
+                        stacked, inp, cache.rows(start, mb), rows(positions, start), rows(cos, start), rows(sin, start)
+                    )
+                    return y, cache.put_rows(view, start)
 
-                if split is not None:  # every tick works; an idle one's results are dropped (see the docstring)
-                    y, cache = work(inp, cache, active=active)
+                if cache.splits_seq and sp:  # a ring prefill: every tick works, an idle one's K/V is dropped
+                    y, new = work(inp, cache)  # (an idle tick's y goes nowhere: the next stage is idle then too)
+                    cache = jax.tree.map(functools.partial(jnp.where, active), new, cache)
                 else:
                     y, cache = jax.lax.cond(active, work, lambda inp, cache: (inp, cache), inp, cache)
                 last = (stage == stages - 1) & active

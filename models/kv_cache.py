@@ -164,20 +164,12 @@ class KVCache(NamedTuple):
         )
         return attention(q, k, v, q_pos, sliding_window)
 
-    def rows(self, start, size: int, active=True) -> KVCache:
+    def rows(self, start, size: int) -> KVCache:
         """The cache of batch rows [start, start + size) (a pipeline micro-batch)."""
         return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, axis=1), self)
 
-    def put_rows(self, view: KVCache, start, active=True) -> KVCache:
-        """`view` (from `rows`) written back; when `active` is False (an idle pipeline tick), its rows as
-        they were."""
-
-        def put(c, w):
-            if active is not True:
-                w = jnp.where(active, w, jax.lax.dynamic_slice_in_dim(c, start, w.shape[1], axis=1))
-            return jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1)
-
-        return jax.tree.map(put, self, view)
+    def put_rows(self, view: KVCache, start) -> KVCache:
+        return jax.tree.map(lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1), self, view)
 
 
 CACHE_AXES = ("layers", "batch", "cache_heads", "cache_seq", "head_dim")
@@ -237,13 +229,12 @@ class PagedKVCache(NamedTuple):
         k, v = (jax.tree.map(gather, c) for c in (self.k, self.v))
         return attention(q, k, v, q_pos, sliding_window)
 
-    def rows(self, start, size: int, active=True) -> PagedKVCache:
-        """Batch rows [start, start + size): their block tables; the pages are shared. When `active` is
-        False (an idle pipeline tick) every token counts as padding, so its writes land on the null page."""
+    def rows(self, start, size: int) -> PagedKVCache:
+        """Batch rows [start, start + size): their block tables; the pages are shared."""
         tables, valid = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=0) for a in (self.block_tables, self.valid))
-        return self._replace(block_tables=tables, valid=valid & active)
+        return self._replace(block_tables=tables, valid=valid)
 
-    def put_rows(self, view: PagedKVCache, start, active=True) -> PagedKVCache:
+    def put_rows(self, view: PagedKVCache, start) -> PagedKVCache:
         return self._replace(k=view.k, v=view.v)
 
 
