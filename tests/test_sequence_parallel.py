@@ -310,6 +310,24 @@ def test_sp_pp_prefill_hlo_rings_over_sp_in_each_stage_and_hands_over_split_acti
     assert not [c for c in in_layer if c.kind == "all-gather"]
 
 
+def test_sp_pp_decode_hlo_merges_partials_over_sp_in_each_stage_and_gathers_no_pages(llama4):
+    llm = jaxinfer.LLM(llama4, **ENGINE, sp=2, pp=2)
+    cfg, eng, s, w = llm.config, llm.engine, 4, 16
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), s, s)
+    cache = PagedKVCache(
+        eng.cache_k, eng.cache_v, np.zeros((s, w), np.int32), np.ones((s, 1), bool), llm.setup.page_split
+    )
+    col = llm._put(np.zeros(s, np.int32))
+    lowered = steps.decode.lower(eng.graphdef, llm.state, cache, col, col, sampling, n_steps=8, greedy_only=True)
+    ops, in_layer = hlo.layer_collectives(lowered.compile().as_text(), cfg.num_layers // 2)
+    mb = s // 2  # two micro-batches of two rows: three ticks, a layer loop in each
+    partials = 2 * mb * cfg.num_heads * (cfg.head_dim + 2) * 4  # out, max and sum from each of the 2 sp ranks
+    assert [(c.kind, c.bytes, c.axes(llm.mesh)) for c in in_layer] == [("all-gather", partials, {"sp"})] * 3
+    rest = [(c.kind, c.bytes, c.axes(llm.mesh)) for c in ops if c not in in_layer]
+    hand_over = ("collective-permute", mb * cfg.hidden_size * 4, {"pp"})  # one micro-batch's [2, 1, D]
+    assert rest == [hand_over, hand_over, ("all-reduce", s * cfg.hidden_size * 4, {"pp"})]  # the stages' sum
+
+
 def test_sp_pp_explain_counts_the_ring_and_only_the_stage_hand_overs(llama4):
     r = explain.explain(llama4, dict(sp=2, pp=2), prompt_len=200, gen_len=16)
     t, d = 256, 64  # the prompt bucket; the hidden size
