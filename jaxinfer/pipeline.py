@@ -1,9 +1,9 @@
 """Pipeline parallelism: the stacked layers split into contiguous stages over the `pp` mesh axis.
 
 All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, and `sp` when sp > 1, so
-tensor parallelism inside a stage is still derived by XLA). The batch is cut into micro-batches; at tick t stage s works
-on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so only boundary
-activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
+tensor parallelism inside a stage is still derived by XLA). The batch is cut into micro-batches; at
+tick t stage s works on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so
+only boundary activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
 which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
 
 With sequence parallelism (sp > 1) the stage's shard_map is manual over `pp` and `sp`: a ring prefill's
