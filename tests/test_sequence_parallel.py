@@ -264,7 +264,11 @@ def llama4(tiny_dir):
     return str(tiny_dir("llama3", num_hidden_layers=4))
 
 
-@pytest.mark.parametrize("axes", [dict(sp=2, pp=2), dict(sp=2, pp=2, tp=2)], ids=["sp2xpp2", "sp2xpp2xtp2"])
+@pytest.mark.parametrize(
+    "axes",
+    [dict(sp=2, pp=2), dict(sp=2, pp=2, tp=2), dict(sp=2, pp=2, dp=2)],
+    ids=["sp2xpp2", "sp2xpp2xtp2", "sp2xpp2xdp2"],
+)
 def test_sp_pp_score_matches_one_device(llama4, axes):
     # 199 tokens in a bucket of 250 (max_seq_len), neither a multiple of 2·sp = 4: padded to 252.
     prompt = PROMPT[:199]
