@@ -214,10 +214,19 @@ def explain(
             "microbatches": micro,
             "bubble_fraction": {k: pipeline.bubble_fraction(stages, m) for k, m in micro.items()},
             "boundary_bytes_per_step": {
-                k: out["steps"][k]["collectives"].get("collective-permute", {}).get("bytes", 0) for k in micro
+                "prefill": boundary_bytes(prefill, setup.mesh),
+                "decode": boundary_bytes(decode, setup.mesh),
             },
         }
     return out
+
+
+def boundary_bytes(compiled, mesh) -> int:
+    """Bytes one device hands to the next pipeline stage in a step: its collective-permutes over pp (a
+    ring's over sp are not stage boundaries)."""
+    return sum(
+        c.bytes for c in hlo.collectives(compiled.as_text()) if c.kind == "collective-permute" and "pp" in c.axes(mesh)
+    )
 
 
 def moe_report(setup: Setup, report: dict, tokens: dict[str, int]) -> dict:

@@ -6,6 +6,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 from jaxinfer.sharding import WIDENED_SCOPE
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -38,6 +40,11 @@ class Collective:
     shape: str
     bytes: int  # size of the result on one device
     promoted: bool = False  # the backend widened a low-precision reduction (XLA:CPU does for bf16)
+    groups: tuple = ()  # its device groups (source/target pairs for a permute); () when none is named
+
+    def axes(self, mesh) -> frozenset:
+        """The mesh axes its groups span (`group_axes`)."""
+        return group_axes([list(g) for g in self.groups], mesh)
 
 
 def _result_bytes(result: str) -> int:
@@ -54,7 +61,8 @@ def collectives(hlo_text: str) -> list[Collective]:
         m = _OP.match(line)
         if m and "-done" not in m.group(3):
             promoted = "_promoted" in line.split("to_apply=", 1)[-1].split(",", 1)[0] or WIDENED_SCOPE in line
-            out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2)), promoted))
+            groups = tuple(map(tuple, replica_groups(line) or ()))
+            out.append(Collective(m.group(3), computation, m.group(2), _result_bytes(m.group(2)), promoted, groups))
     return out
 
 
@@ -98,3 +106,55 @@ def reachable(hlo_text: str, roots: set[str]) -> set[str]:
             seen.add(name)
             todo.extend(calls.get(name, ()))
     return seen
+
+
+def _iota(dims: list[int], reshape: list[int], perm: list[int] | None) -> np.ndarray:
+    ids = np.arange(math.prod(reshape)).reshape(reshape)
+    if perm:
+        ids = ids.transpose(perm)
+    return ids.reshape(dims)
+
+
+def replica_groups(line: str) -> list[list[int]] | None:
+    """The device groups of one HLO collective (source/target pairs for a permute), in any of the
+    forms XLA prints; None when the line names none."""
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", line)
+    if m:
+        return [list(map(int, g)) for g in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
+    if m:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if m:
+        dims, shape = [int(x) for x in m.group(1).split(",")], [int(x) for x in m.group(2).split(",")]
+        perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
+        return _iota(dims, shape, perm).reshape(dims[0], -1).tolist()
+    m = re.search(
+        r"replica_groups=mesh\[([^\]]*)\],? "
+        r"(?:device_ids=\(\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?\) )?\{([^}]*)\}",
+        line,
+    )
+    if m:
+        names = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        sizes = [int(s) for _, s in names]
+        shape = [int(x) for x in m.group(2).split(",")] if m.group(2) else sizes
+        reshape = [int(x) for x in m.group(3).split(",")] if m.group(3) else shape
+        perm = [int(x) for x in m.group(4).split(",")] if m.group(4) else None
+        ids = _iota(shape, reshape, perm).reshape(sizes)
+        over = [i for i, (n, _) in enumerate(names) if f"'{n}'" in m.group(5)]
+        rest = [i for i in range(len(sizes)) if i not in over]
+        return ids.transpose(rest + over).reshape(-1, math.prod(sizes[i] for i in over) or 1).tolist()
+    return None
+
+
+def group_axes(groups: list[list[int]] | None, mesh) -> frozenset:
+    """The mesh axes along which the devices of a group differ (device id = place in the mesh's order)."""
+    if not groups:
+        return frozenset()
+    shape, names = mesh.devices.shape, mesh.axis_names
+    axes = set()
+    for g in groups:
+        coords = np.array([np.unravel_index(i, shape) for i in g if i < math.prod(shape)])
+        if len(coords):
+            axes.update(names[a] for a in range(len(shape)) if len(set(coords[:, a])) > 1)
+    return frozenset(axes)

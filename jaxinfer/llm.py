@@ -36,7 +36,7 @@ class LLM:
     over sp (num_pages a multiple of sp; each device holds 1/sp of the pages, a sequence's pages dealt
     round robin); prefill chunks and decode attend on each device over its own pages and merge the
     partials across sp (one small all-gather per layer), and a prompt's first chunk runs split over sp
-    with ring attention.
+    with ring attention. With pp > 1 as well, each pipeline stage runs all of this on its own layers.
     dtype: "float32" or "bfloat16" (default float32 on CPU, bfloat16 on GPU).
     random_weights: random weights made on the devices (for built-in shapes such as "llama3-8b").
     devices: the devices this model uses, exactly as many as the mesh needs (default: the first ones of

@@ -1,15 +1,26 @@
 """Pipeline parallelism: the stacked layers split into contiguous stages over the `pp` mesh axis.
 
-All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, so tensor parallelism
-inside a stage is still derived by XLA). The batch is cut into micro-batches; at tick t stage s works
-on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so only boundary
-activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
+All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, and `sp` when sp > 1, so
+tensor parallelism inside a stage is still derived by XLA). The batch is cut into micro-batches; at
+tick t stage s works on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so
+only boundary activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
 which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
+
+With sequence parallelism (sp > 1) the stage's shard_map is manual over `pp` and `sp`: a ring prefill's
+activations come in split on their seq dimension (and its K/V, `SeqKV`, alike), the engine's page pool
+split on pages, and the layers run the ring's and the split pool's per-rank code, their own shard_maps
+leaving the axes already manual out (`sharding.shard_map`). In a ring prefill an idle tick still runs
+its layers, and its K/V is dropped, instead of skipping them under `lax.cond`: XLA:CPU rendezvouses a
+collective-permute with every device of the program, not just its source-target pairs, so the ring's
+permutes over sp inside a cond that only some stages take wait for devices that never come (it aborts
+or segfaults). Its all-gathers and all-reduces meet per replica group, so the split pool's all-gather
+and tp's all-reduces stay inside the cond.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +51,8 @@ class Pipeline:
         batch = x.shape[0]
         m = microbatch_count(batch, self.microbatches)
         mb = batch // m
+        sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
+        split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages
 
         def staged(stacked, x, cache, positions, cos, sin):
             stage = jax.lax.axis_index("pp")
@@ -57,19 +70,32 @@ class Pipeline:
                     )
                     return y, cache.put_rows(view, start)
 
-                y, cache = jax.lax.cond(active, work, lambda inp, cache: (inp, cache), inp, cache)
+                if cache.splits_seq and sp:  # a ring prefill: every tick works, an idle one's K/V is dropped
+                    y, new = work(inp, cache)  # (an idle tick's y goes nowhere: the next stage is idle then too)
+                    cache = jax.tree.map(functools.partial(jnp.where, active), new, cache)
+                else:
+                    y, cache = jax.lax.cond(active, work, lambda inp, cache: (inp, cache), inp, cache)
                 last = (stage == stages - 1) & active
                 outs = jnp.where(last, jax.lax.dynamic_update_slice_in_dim(outs, y, start, axis=0), outs)
                 if tick < m + stages - 2:  # the last tick hands nothing on
                     state = jax.lax.ppermute(y, "pp", [(i, i + 1) for i in range(stages - 1)])
             return sharding.psum(jnp.where(stage == stages - 1, outs, 0), "pp"), cache
 
-        cache_specs = type(cache)(*(P("pp") if i < 2 else P() for i in range(len(cache))))
+        seq = P(None, sp) if sp and cache.splits_seq else P()  # tokens split over sp: a ring prefill
+        cache_specs = _cache_specs(cache, P("pp", *(sp if d == split else None for d in (1, 2))))
         return jax.shard_map(
             staged,
             mesh=self.mesh,
-            in_specs=(jax.tree.map(lambda _: P("pp"), stacked), P(), cache_specs, P(), P(), P()),
-            out_specs=(P(), cache_specs),
-            axis_names={"pp"},
+            in_specs=(jax.tree.map(lambda _: P("pp"), stacked), seq, cache_specs, seq, seq, seq),
+            out_specs=(seq, cache_specs),
+            axis_names={"pp", sp} - {None},
             check_vma=False,
         )(stacked, x, cache, positions, cos, sin)
+
+
+def _cache_specs(cache, layers: P):
+    """Specs of a cache's fields: its k and v (each stacked over layers) by `layers`, the rest (block
+    tables, valid) replicated."""
+    specs = jax.tree.map(lambda _: P(), cache)
+    kv = {f: jax.tree.map(lambda _: layers, getattr(cache, f)) for f in ("k", "v")}
+    return dataclasses.replace(specs, **kv) if dataclasses.is_dataclass(cache) else specs._replace(**kv)

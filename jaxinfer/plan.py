@@ -45,6 +45,7 @@ import numpy as np
 from jaxinfer import config as config_lib
 from jaxinfer import explain, hlo, pipeline
 from jaxinfer.errors import JaxinferError
+from jaxinfer.hlo import group_axes, replica_groups
 
 log = logging.getLogger(__name__)
 HARDWARE = Path(__file__).with_name("hardware.toml")
@@ -306,58 +307,6 @@ class Program:
 # Compiled programs by (model, tp, ep, pp, sp, dtype, prefill chunk): a process that plans twice compiles once.
 _PROGRAMS: dict[tuple, Program] = {}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-
-
-def _iota(dims: list[int], reshape: list[int], perm: list[int] | None) -> np.ndarray:
-    ids = np.arange(math.prod(reshape)).reshape(reshape)
-    if perm:
-        ids = ids.transpose(perm)
-    return ids.reshape(dims)
-
-
-def replica_groups(line: str) -> list[list[int]] | None:
-    """The device groups of one HLO collective (source/target pairs for a permute), in any of the
-    forms XLA prints; None when the line names none."""
-    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", line)
-    if m:
-        return [list(map(int, g)) for g in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
-    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
-    if m:
-        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
-    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-    if m:
-        dims, shape = [int(x) for x in m.group(1).split(",")], [int(x) for x in m.group(2).split(",")]
-        perm = [int(x) for x in m.group(3).split(",")] if m.group(3) else None
-        return _iota(dims, shape, perm).reshape(dims[0], -1).tolist()
-    m = re.search(
-        r"replica_groups=mesh\[([^\]]*)\],? "
-        r"(?:device_ids=\(\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?\) )?\{([^}]*)\}",
-        line,
-    )
-    if m:
-        names = re.findall(r"'(\w+)'=(\d+)", m.group(1))
-        sizes = [int(s) for _, s in names]
-        shape = [int(x) for x in m.group(2).split(",")] if m.group(2) else sizes
-        reshape = [int(x) for x in m.group(3).split(",")] if m.group(3) else shape
-        perm = [int(x) for x in m.group(4).split(",")] if m.group(4) else None
-        ids = _iota(shape, reshape, perm).reshape(sizes)
-        over = [i for i, (n, _) in enumerate(names) if f"'{n}'" in m.group(5)]
-        rest = [i for i in range(len(sizes)) if i not in over]
-        return ids.transpose(rest + over).reshape(-1, math.prod(sizes[i] for i in over) or 1).tolist()
-    return None
-
-
-def group_axes(groups: list[list[int]] | None, mesh) -> frozenset:
-    """The mesh axes along which the devices of a group differ (device id = place in the mesh's order)."""
-    if not groups:
-        return frozenset()
-    shape, names = mesh.devices.shape, mesh.axis_names
-    axes = set()
-    for g in groups:
-        coords = np.array([np.unravel_index(i, shape) for i in g if i < math.prod(shape)])
-        if len(coords):
-            axes.update(names[a] for a in range(len(shape)) if len(set(coords[:, a])) > 1)
-    return frozenset(axes)
 
 
 def read_collectives(compiled, mesh, num_layers: int, dtype, tokens: int) -> list[Coll]:

@@ -191,16 +191,9 @@ class Setup:
         specs = (q, pages, pages, P(r["batch"]), P(r["batch"], None), P())
         kernel = functools.partial(paged_attention, interpret=kind == "interpret")
 
-        def attend(*args):
-            # Inside a pipeline stage the context mesh already has pp manual; take it from there.
-            mesh = jax.sharding.get_abstract_mesh()
-            mesh = self.mesh if mesh.empty else mesh
-            manual = {a for s in specs for a in s if a is not None}
-            return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=q, axis_names=manual, check_vma=False)(
-                *args
-            )
-
-        return attend
+        manual = {a for s in specs for a in s if a is not None}
+        # (inside a pipeline stage it runs on the context mesh, pp already manual there)
+        return lambda *args: sharding.shard_map(kernel, self.mesh, specs, q, axis_names=manual)(*args)
 
     def put(self, x: np.ndarray) -> jax.Array:
         """A host batch [B, ...] onto the mesh, split over the batch axis."""

@@ -163,10 +163,6 @@ def resolve_rules(cfg: ModelConfig, mesh: Mesh, overrides: Mapping[str, str | No
             raise JaxinferError(f"sp={sp}: the seq dimension must lie on the sp mesh axis, not {rules['seq']!r}")
         if rules["pages"] != "sp":
             raise JaxinferError(f"sp={sp}: the pages dimension must lie on the sp mesh axis, not {rules['pages']!r}")
-        if pp > 1:
-            raise JaxinferError(
-                f"sp={sp} with pp={pp}: sequence parallelism does not run inside pipeline stages yet; set pp=1 or sp=1"
-            )
     return rules
 
 
@@ -194,3 +190,46 @@ def psum(x: jax.Array, axes) -> jax.Array:
         with jax.named_scope(WIDENED_SCOPE):
             return jax.lax.psum(x.astype(jnp.float32), axes).astype(x.dtype)
     return jax.lax.psum(x, axes)
+
+
+def shard_map(body, mesh: Mesh, in_specs, out_specs, axis_names=None):
+    """`jax.shard_map(body)` manual over `axis_names` (default: every mesh axis), usable both at the top
+    of a step and inside another shard_map (a pipeline stage, manual over pp or over pp and sp). Inside
+    one, it runs on the context mesh and leaves out the axes already manual there: their arrays arrive as
+    per-rank shards already, so those axes are dropped from the specs, and the body's collectives over
+    them (a ring's ppermute over sp) still name them."""
+    axis_names = set(mesh.axis_names if axis_names is None else axis_names)
+    done = manual_axes()
+    if done:
+        mesh = jax.sharding.get_abstract_mesh()
+        axis_names -= done
+        in_specs, out_specs = (
+            jax.tree.map(lambda s: _without(s, done), x, is_leaf=_is_spec) for x in (in_specs, out_specs)
+        )
+        if not axis_names:  # nothing left to split by hand: the body is per-rank code already
+            return body
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=axis_names, check_vma=False
+    )
+
+
+def manual_axes() -> set[str]:
+    """The mesh axes already manual where this is traced (inside a shard_map over them), else none."""
+    context = jax.sharding.get_abstract_mesh()
+    return set() if context.empty else set(context.manual_axes)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def _without(spec: P, axes: set[str]) -> P:
+    """`spec` with the mesh axes in `axes` removed (a dimension split over none of the rest: unsplit)."""
+
+    def keep(entry):
+        if entry is None:
+            return None
+        names = [a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in axes]
+        return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+    return P(*(keep(e) for e in spec))

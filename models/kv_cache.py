@@ -149,6 +149,7 @@ class KVCache(NamedTuple):
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
     splits_seq = False  # the layers' tokens are not split over sp (models/ring_attention.SeqKV's are)
+    sp_dim = None  # no dimension of k/v lies split over sp
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
@@ -197,6 +198,11 @@ class PagedKVCache(NamedTuple):
     valid: jax.Array
     split: object = None
     splits_seq = False  # its pages may be split over sp, the layers' tokens are not
+
+    @property
+    def sp_dim(self) -> int | None:
+        """The dimension of k/v split over sp: pages, when the pool is split."""
+        return None if self.split is None else 1
 
     def update(self, layer, k, v, q_pos) -> PagedKVCache:
         page_size = self.k.shape[2]

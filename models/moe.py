@@ -106,6 +106,8 @@ class MoE:
         if b % shards:  # a batch the dp axis cannot split (one prefill chunk): every dp group takes it whole
             rules["batch"], shards = None, 1
         seq = self.mesh.shape[rules["seq"]] if seq_split and rules.get("seq") else 1
+        if rules.get("seq") in sharding.manual_axes():  # in a pipeline stage manual over sp: h is this rank's tokens
+            seq = 1
         if seq == 1 or t % seq:  # tokens replicated over sp (decode, a later chunk): every sp rank routes them all
             rules["seq"], seq = None, 1
         mode = self.mode(cfg, b * t // (shards * seq), h.dtype.itemsize)
@@ -122,19 +124,10 @@ class MoE:
             mlp_axes=tuple(a for a in [rules["expert_mlp"]] if a and self.mesh.shape[a] > 1),
             ep_split=self.mesh.shape[rules["experts"]] > 1,
         )
-        # Inside a pipeline stage the context mesh already has pp manual; take it from there.
-        mesh = jax.sharding.get_abstract_mesh()
-        mesh = self.mesh if mesh.empty else mesh
         manual = {a for s in (act, gate_up, down) for a in s if a is not None}
         w_gate_up, w_down = p["we_gate_up"], p["we_down"]
-        return jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(act, P(), _quant_spec(gate_up, w_gate_up), _quant_spec(down, w_down)),
-            out_specs=act,
-            axis_names=manual,
-            check_vma=False,
-        )(h, p["router"], w_gate_up, w_down)
+        in_specs = (act, P(), _quant_spec(gate_up, w_gate_up), _quant_spec(down, w_down))
+        return sharding.shard_map(body, self.mesh, in_specs, act, axis_names=manual)(h, p["router"], w_gate_up, w_down)
 
     def _gmm(self):
         if self.kernel == "xla":

@@ -8,7 +8,8 @@ prompt, not the layout. Everything outside attention is token-wise and stays spl
 Attention runs in `jax.shard_map` (manual over every mesh axis, specs from the rules table): each of
 the sp steps attends the local queries to the K/V block it holds while `ppermute` passes that block
 (with its positions) to the next rank, and the partial outputs merge by log-sum-exp (running max and
-sum in float32).
+sum in float32). Inside a pipeline stage, manual over pp and sp already (jaxinfer/pipeline.py), the
+same per-rank code runs in a shard_map over the remaining axes only (`sharding.shard_map`).
 
 The static path keeps its contiguous cache unsplit: `SeqKV` stands in for the cache while the layers
 run (each layer's K/V stays split on `seq`, no collective inside the layers), and `SeqKV.write`
@@ -138,9 +139,7 @@ class Ring:
             self.spec(bn, "seq", "cache_heads", None),
             self.spec(bn, "seq"),
         )
-        return jax.shard_map(body, mesh=self.mesh, in_specs=(qs, ks, ks, ps), out_specs=qs, check_vma=False)(
-            q, k, v, q_pos
-        )
+        return sharding.shard_map(body, self.mesh, (qs, ks, ks, ps), qs)(q, k, v, q_pos)
 
     # --- the paged cache split over sp (the serving engine) -----------------------------------------
 
@@ -174,9 +173,9 @@ class Ring:
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
         new = self.spec(*(["layers"] if every else []), None, None, "cache_heads", None)
         idx = self.spec(None, None)
-        return jax.shard_map(
-            body, mesh=self.mesh, in_specs=(*pools, new, new, idx, idx, P()), out_specs=pools, check_vma=False
-        )(k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32))
+        return sharding.shard_map(body, self.mesh, (*pools, new, new, idx, idx, P()), pools)(
+            k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32)
+        )
 
     def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window):
         """q [B, T, N, H] at positions q_pos [B, T] attends to its sequence's pages of `layer` in pools
@@ -223,9 +222,9 @@ class Ring:
         bn = self._batch(q.shape[0])
         qs, rows = self.spec(bn, None, "q_heads", None), self.spec(bn, None)
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
-        return jax.shard_map(
-            body, mesh=self.mesh, in_specs=(qs, *pools, rows, rows, P()), out_specs=qs, check_vma=False
-        )(q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32))
+        return sharding.shard_map(body, self.mesh, (qs, *pools, rows, rows, P()), qs)(
+            q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32)
+        )
 
     def layout(self, tokens, positions):
         """tokens/positions [B, T] -> padded to a multiple of 2·sp (pad positions continue past T), in
@@ -259,6 +258,7 @@ class SeqKV:
     ring: Ring = dataclasses.field(metadata=dict(static=True))
     cache_dtype: str = dataclasses.field(metadata=dict(static=True))
     splits_seq: ClassVar[bool] = True  # the layers' tokens lie split on `seq` (models/moe.py keeps them so)
+    sp_dim: ClassVar[int] = 2  # k/v [L, B, T, K, H] split over sp on T
 
     @classmethod
     def empty(cls, ring: Ring, cache: KVCache, t: int) -> SeqKV:
@@ -272,6 +272,9 @@ class SeqKV:
         z = jnp.zeros(shape, ring.dtype)
         z = ring.constrain(z, "layers", "batch", "seq", "cache_heads", None)
         return cls(z, z, ring, str(np.dtype(cache_dtype)))
+
+    # A pipeline micro-batch's rows (batch is axis 1, as in the contiguous cache).
+    rows, put_rows = KVCache.rows, KVCache.put_rows
 
     def update(self, layer, k, v, q_pos) -> SeqKV:
         put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x.astype(c.dtype), layer, 0)  # noqa: E731

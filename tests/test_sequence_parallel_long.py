@@ -129,6 +129,19 @@ def test_engine_prefills_long_prompts_and_decodes_64_tokens_as_one_device(llama3
     assert llm.engine.pages.hits - hits == 75  # 1,200 cached tokens read from the pages' own ranks
 
 
+def test_sp_pp_long_prompt_scores_and_decodes_64_tokens_as_one_device(tiny_dir, monkeypatch):
+    """sp=2 x pp=2 (a 4-layer Llama, stages manual over pp and sp): a 1,999-token prompt's logits, and
+    the engine's long prefills (first chunks over the ring inside the stages) then 64 greedy tokens."""
+    path = str(tiny_dir("llama3", max_position_embeddings=MAX_SEQ, num_hidden_layers=4))
+    one, llm = jaxinfer.LLM(path, **ENGINE), jaxinfer.LLM(path, **ENGINE, sp=2, pp=2)
+    assert rel_err(llm.score(PROMPT[:1999]), one.score(PROMPT[:1999])) < 1e-4
+    ring_chunks, ring_step = [], steps.prefill_chunk_ring
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[5]) or ring_step(*a, **k))
+    for got, ref in zip(llm.generate(PROMPTS, DECODE), one.generate(PROMPTS, DECODE)):
+        _assert_same(got, ref)
+    assert [int(valid.sum()) for valid in ring_chunks] == [1000, 501]
+
+
 # --- the embedded model ----------------------------------------------------------------------------
 
 
