@@ -58,7 +58,12 @@ def padded_length(t: int, sp: int) -> int:
 def _block(q, k, v, q_pos, k_pos, sliding_window):
     """One ring step's partial attention: q [B, K, G, T, H] against k/v [B, S, K, H] with positions
     q_pos [B, T], k_pos [B, S] -> unnormalised output [B, K, G, T, H] (float32), row max and row sum
-    [B, K, G, T] (float32)."""
+    [B, K, G, T] (float32); a long block's queries in tiles (kv_cache.over_query_tiles)."""
+    part = functools.partial(_block_rows, k=k, v=v, k_pos=k_pos, sliding_window=sliding_window)
+    return kv_cache.over_query_tiles(part, q, q_pos, k.shape[1], axis=3)
+
+
+def _block_rows(q, q_pos, *, k, v, k_pos, sliding_window):
     hd = q.shape[-1]
     scores = jnp.einsum("bkgth,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]

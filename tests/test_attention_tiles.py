@@ -1,0 +1,50 @@
+"""Prefill attention over query tiles (models/kv_cache.over_query_tiles): a long prompt's scores are held a
+tile of query rows at a time, one device and on the ring alike, with the logits of the untiled program."""
+
+import jax
+import numpy as np
+import pytest
+
+import jaxinfer
+from models import kv_cache
+from tests.tiny import rel_err
+
+PROMPT = np.random.default_rng(1).integers(0, 256, 201).tolist()  # 201: the last tile is padded
+
+
+@pytest.fixture(scope="module")
+def llama3(tiny_dir):
+    return str(tiny_dir("llama3"))
+
+
+@pytest.mark.parametrize("axes", [dict(), dict(sp=2)], ids=["one_device", "sp2"])
+def test_tiled_scores_equal_untiled(llama3, axes, monkeypatch):
+    ref = jaxinfer.LLM(llama3, max_seq_len=256, **axes).score(PROMPT)
+    # A few rows' scores per tile: every layer's attention runs as several tiles.
+    monkeypatch.setattr(kv_cache, "SCORE_TILE_BYTES", 24 * 4 * 256 * 4)
+    jax.clear_caches()  # the steps are traced again, now in tiles
+    got = jaxinfer.LLM(llama3, max_seq_len=256, **axes).score(PROMPT)
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_tile_length_follows_the_budget():
+    import jax.numpy as jnp
+
+    seen = []
+
+    def fn(q, q_pos):
+        seen.append(q.shape[1])
+        return q * 2
+
+    q = jnp.ones((1, 100, 4, 8))
+    pos = jnp.broadcast_to(jnp.arange(100), (1, 100))
+    out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)  # 1 GiB: no tiles
+    assert seen == [100] and out.shape == q.shape
+    old = kv_cache.SCORE_TILE_BYTES
+    try:
+        kv_cache.SCORE_TILE_BYTES = 16 * 4 * 64 * 4  # 16 rows of 4 heads x 64 keys
+        out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)
+    finally:
+        kv_cache.SCORE_TILE_BYTES = old
+    assert seen[-1] == 16 and out.shape == q.shape
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.ones(q.shape))
