@@ -56,11 +56,19 @@ def test_search_rules():
     cands, _ = moe.candidates(("none",))
     assert {ep for _, ep, *_ in cands} == {1, 2, 4, 8}
     assert all(128 % ep == 0 and tp * ep * pp <= 8 and 48 % pp == 0 for tp, ep, pp, *_ in cands)
-    # a long prompt: sp in powers of two beside tp and ep inside a node, at pp = 1 only
+    # a long prompt: sp in powers of two beside tp and ep inside a node, at every pp (pp may cross nodes)
     long = _planner(_req("llama3-70b", nodes=2, isl=4096))
     cands, _ = long.candidates(("none",))
     assert {(tp, sp) for tp, _, pp, _, sp in cands if sp > 1} == {(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 2)}
-    assert all(pp == 1 for _, _, pp, _, sp in cands if sp > 1)
+    assert {(tp, pp, sp) for tp, _, pp, _, sp in cands if sp > 1 and tp * sp * pp > 8} == {
+        (1, 2, 8),
+        (2, 2, 4),
+        (4, 2, 2),
+        (1, 4, 4),
+        (2, 4, 2),
+        (1, 8, 2),
+    }  # two whole nodes; tp*sp=2 at pp=5 would be 10 GPUs
+    assert all(tp * sp * pp <= 16 and 80 % pp == 0 for tp, _, pp, _, sp in cands)
     # tp must divide the heads and divide, or be a multiple of, the kv heads
     odd = config_lib.ModelConfig("llama", 100, 48, 96, 4, 12, 4, 4)
     assert plan.tp_problem(odd, 6) == "neither divides nor is a multiple of the 4 kv heads"
@@ -249,7 +257,7 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     req = _req(str(path), gpus_per_node=4, isl=65536, quant="none", ttft_ms=45)
     r = plan.plan(req)
     rows = {(x["tp"], x["pp"], x["sp"]): x for x in r["_rows"]}
-    assert set(rows) == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2)}
+    assert set(rows) == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)}
     rec = r["recommended"]
     assert (rec["tp"], rec["pp"], rec["sp"], rec["gpus_per_replica"]) == (2, 1, 2, 4)
     assert r["why"].startswith("tp=2 pp=1 sp=2 unquantized x 1 replicas")
@@ -273,7 +281,7 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     assert [c.kind for c in over_sp] == ["all-gather"] and sum(c.weight for c in over_sp) == 1
     permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
     assert sum(c.weight for c in permutes) == 2 * (2 - 1) and all(c.axes == frozenset({"sp"}) for c in permutes)
-    assert "sp > 1: searched at pp = 1 only" in plan.format_plan(r)
+    assert "sp > 1: searched at every pp, inside a node (tp*ep*sp <= 4" in plan.format_plan(r)
     out = json.loads(plan.to_json(r))
     assert out["recommended"]["sp"] == 2 and {c["sp"] for c in out["configs"]} == {1, 2, 4}
     assert all(c["gpus_per_replica"] == c["tp"] * c["pp"] * c["ep"] * c["sp"] for c in out["configs"])
