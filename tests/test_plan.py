@@ -285,3 +285,27 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     out = json.loads(plan.to_json(r))
     assert out["recommended"]["sp"] == 2 and {c["sp"] for c in out["configs"]} == {1, 2, 4}
     assert all(c["gpus_per_replica"] == c["tp"] * c["pp"] * c["ep"] * c["sp"] for c in out["configs"])
+
+    # sp x pp: each of the 2 stages holds half the layers' weights and its layers' share of the pool
+    staged, flat = rows[(1, 2, 2)], rows[(1, 1, 2)]
+    real = prepare(p.cfg, dict(sp=2, pp=2), dtype="bfloat16", random_weights=True, quant="none")
+    assert staged["weight_bytes_per_gpu"] == explain.per_device_param_bytes(real) < flat["weight_bytes_per_gpu"]
+    kv = explain.pool_bytes_per_token(real)
+    assert kv * 2 * 2 == p.memory_of(1, 1, "none").kv_per_token  # 1/sp of the pages, 1/pp of the layers
+    assert staged["kv_bytes_per_gpu"] == staged["max_concurrent_seqs"] * kv * (65536 + 256)
+    assert staged["max_concurrent_seqs"] >= 2 * flat["max_concurrent_seqs"]
+    # one prompt gains nothing from stages (its chunks cross them in turn); over sp it is still faster
+    assert flat["ttft_ms"] < staged["ttft_ms"] < rows[(1, 2, 1)]["ttft_ms"]
+    # the ring and the split pool's merge inside the stages, as at pp = 1, and the hand-overs between
+    # them: a ring chunk hands on its tokens split over sp, a later chunk and decode theirs whole
+    prog, flat_prog = p.program(1, 1, 2, sp=2), p.program(1, 1, 1, sp=2)
+    assert [c for c in prog.ring if "pp" not in c.axes] == flat_prog.ring
+    assert [c for c in prog.decode if "pp" not in c.axes] == flat_prog.decode
+    permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
+    assert sum(c.weight for c in permutes) == 2 and all(c.axes == frozenset({"sp"}) for c in permutes)
+    hand = {
+        name: [c.bytes_per_token for c in getattr(prog, name) if c.kind == "collective-permute" and "pp" in c.axes]
+        for name in ("ring", "prefill", "decode")
+    }
+    assert hand["ring"] == [hand["prefill"][0] / 2] and hand["prefill"] == hand["decode"]
+    assert hand["decode"][0] in (2048 * 2, 2048 * 4)  # one token's hidden state: bf16 (XLA:CPU moves it as f32)
