@@ -240,7 +240,8 @@ def test_a_config_json_alone_plans_like_the_built_in_shape(tmp_path):
 def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     """A 64k-token prompt on a small model whose 2 heads cap tp at 2, with 4 GPUs per node: splitting
     the prompt over sp as well is the only way to the TTFT asked, and the planner says so; sp rows hold
-    the weights whole on every sp rank (fewer tokens/s per GPU) and 1/sp of the KV pool."""
+    the weights whole on every sp rank (fewer tokens/s per GPU) and 1/sp of the KV pool, and an sp x pp
+    row 1/pp of both, with the ring inside each stage and the stages' hand-overs between them."""
     hf = {
         "model_type": "llama",
         "vocab_size": 32000,
