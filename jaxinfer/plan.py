@@ -13,19 +13,21 @@ holds the weights whole and 1/sp of the KV), a prompt's first prefill chunk as r
 its tokens per rank against all its keys, the ring's permutes on the link), later chunks and decode run
 on every rank over its own pages, 1/sp of the keys, with one all-gather per layer merging the partials.
 So sp shortens the TTFT of a long prompt (its attention) and lets a context fit, at the price of weights
-read on every sp rank: it is searched at pp = 1 (sp inside pipeline stages does not run yet), inside a
-node beside tp and ep, when the prompt spans several prefill chunks, and wins where a TTFT needs more
-than tp alone gives.
+read on every sp rank: it is searched inside a node beside tp and ep, at every pp (the pipeline's stages
+run the ring and the split pool inside them; pp may cross nodes), when the prompt spans several prefill
+chunks, and wins where a TTFT needs more than tp alone gives.
 
 Compiles are bounded: memory is read per (tp, ep, sp, quant) from the shardings at pp = 1 (a stacked
 layer weight and the cache split exactly 1/pp over pp; embedding and head sit on every stage: no
 compile), collectives per (tp, ep) from the static path's programs compiled at pp = 1, and the stage
 hand-overs from one program compiled at pp = 2 (their count per step follows the pipeline's schedule,
 M + pp - 2); with sp > 1, per (tp, ep, sp) from the engine's programs over the split pool
-(explain.compile_engine_steps). Collectives are read from the unquantized program at the activation
-dtype, which is what every weight format moves. So a plan compiles (number of valid (tp, ep)) + (number
-of valid (tp, ep, sp > 1)) + 1 programs, each a prefill and a decode step (three for sp: the ring chunk,
-a later chunk, decode).
+(explain.compile_engine_steps) at pp = 1, and the stage hand-overs per sp from the engine's programs
+compiled at tp = ep = 1, pp = 2 (a ring chunk hands over its activations split over sp). Collectives are
+read from the unquantized program at the activation dtype, which is what every weight format moves. So a
+plan compiles (number of valid (tp, ep)) + (number of valid (tp, ep, sp > 1)) + 1 + (number of sp > 1
+searched with pp > 1) programs, each a prefill and a decode step (three for sp: the ring chunk, a later
+chunk, decode).
 """
 
 from __future__ import annotations
@@ -454,24 +456,24 @@ class Planner:
         return self.memory[key]
 
     def program(self, tp: int, ep: int, pp: int, sp: int = 1) -> Program:
-        """Collectives and activation peak of (tp, ep) compiled at pp = 1; for pp > 1 the same plus the
-        collectives that cross pipeline stages, read from one program compiled at tp = ep = 1, pp = 2 (a
-        stage hands over its activations whole, replicated over tp and ep, so their bytes do not depend
-        on tp or ep, and more stages repeat the same hand-over once per tick). With sp > 1 (pp = 1), the
-        serving engine's programs over its page pool split over sp (`_compile_engine`)."""
+        """Collectives and activation peak of (tp, ep, sp) compiled at pp = 1; for pp > 1 the same plus
+        the collectives that cross pipeline stages, read from one program compiled at tp = ep = 1, pp = 2
+        and the same sp (a stage hands over its activations whole, replicated over tp and ep, so their
+        bytes do not depend on tp or ep, and more stages repeat the same hand-over once per tick; a ring
+        chunk's hand-over is split over sp, so its bytes do depend on sp). With sp > 1, the serving
+        engine's programs over its page pool split over sp (`_compile_engine`)."""
         import jax
 
         key = (tp, ep, min(pp, 2), sp)
         if key in self.programs:
             return self.programs[key]
-        if sp > 1:
-            self.programs[key] = self._compile_engine(tp, ep, sp)
-        elif pp == 1:
-            self.programs[key] = self._compile(tp, ep, 1)
-        elif len(jax.devices()) < 2:
-            self.programs[key] = dataclasses.replace(self.program(tp, ep, 1), pp=2, compiled=False)
+        if pp == 1:
+            self.programs[key] = self._compile_engine(tp, ep, sp) if sp > 1 else self._compile(tp, ep, 1)
+        elif len(jax.devices()) < 2 * sp:
+            self.programs[key] = dataclasses.replace(self.program(tp, ep, 1, sp), pp=2, compiled=False)
         else:
-            base, stages = self.program(tp, ep, 1), self._compile(1, 1, 2)
+            base = self.program(tp, ep, 1, sp)
+            stages = self._compile_engine(1, 1, sp, 2) if sp > 1 else self._compile(1, 1, 2)
             crossing = lambda colls: [c for c in colls if "pp" in c.axes]  # noqa: E731
             self.programs[key] = Program(
                 2,
@@ -479,6 +481,7 @@ class Planner:
                 base.prefill + crossing(stages.prefill),
                 base.activation_bytes,
                 True,
+                ring=None if base.ring is None else base.ring + crossing(stages.ring),
             )
         return self.programs[key]
 
@@ -509,27 +512,29 @@ class Planner:
         )
         return _PROGRAMS[shared]
 
-    def _compile_engine(self, tp: int, ep: int, sp: int) -> Program:
+    def _compile_engine(self, tp: int, ep: int, sp: int, pp: int = 1) -> Program:
         """The serving engine's programs at sp > 1 (the static path's decode does not split the KV over sp
         as the engine does): a prompt's first chunk as ring attention, a later chunk and a decode step,
         each attending on every sp rank to its own pages and merging the partials with one all-gather
-        per layer (explain.compile_engine_steps)."""
+        per layer (explain.compile_engine_steps); at pp > 1 inside each pipeline stage."""
         import jax
 
         from jaxinfer.runtime import buckets, prepare
 
         chunk = min(PREFILL_CHUNK, self.req.isl)
-        shared = (self.cfg, tp, ep, 1, sp, self.dtype, chunk, len(jax.devices()))
+        shared = (self.cfg, tp, ep, pp, sp, self.dtype, chunk, len(jax.devices()))
         if shared in _PROGRAMS:
             return _PROGRAMS[shared]
-        setup = prepare(self.cfg, dict(tp=tp, ep=ep, sp=sp), dtype=self.dtype, random_weights=True, quant="none")
+        axes = dict(tp=tp, ep=ep, pp=pp, sp=sp)
+        setup = prepare(self.cfg, axes, dtype=self.dtype, random_weights=True, quant="none")
         t = buckets(1, chunk, 1, 1, setup.max_seq_len)[1]  # the engine's chunk shapes: powers of two
         ring, later, decode = explain.compile_engine_steps(setup, t)
         self.compiles += 1
         temp = [(p.memory_analysis().temp_size_in_bytes if p.memory_analysis() else 0) for p in (ring, later, decode)]
-        read = lambda p, tokens: read_collectives(p, setup.mesh, self.cfg.num_layers, setup.dtype, tokens)  # noqa: E731
+        loop = self.cfg.num_layers // pp
+        read = lambda p, tokens: read_collectives(p, setup.mesh, loop, setup.dtype, tokens)  # noqa: E731
         _PROGRAMS[shared] = Program(
-            1, read(decode, 1), read(later, t), max(0, max(temp[:2]) - temp[2]), True, ring=read(ring, t)
+            pp, read(decode, 1), read(later, t), max(0, max(temp[:2]) - temp[2]), True, ring=read(ring, t)
         )
         return _PROGRAMS[shared]
 
@@ -614,20 +619,21 @@ class Planner:
                 outside += (m + pp - 2) * sum(self._coll_time(c, mb, 2, nodes) for c in permutes)
             else:
                 # No pp program compiled (too few devices): each hand-over moves one micro-batch's
-                # activations, and the last stage's output is summed over the stages once.
-                item = np.dtype(mem.setup.dtype).itemsize
-                hand = Coll("collective-permute", cfg.hidden_size * item, False, 1.0, frozenset({"pp"}), 2)
-                last = Coll("all-reduce", cfg.hidden_size * item, False, 1.0, frozenset({"pp"}), pp)
+                # activations (a ring chunk's split over sp), and the last stage's output is summed over
+                # the stages once.
+                width = cfg.hidden_size * np.dtype(mem.setup.dtype).itemsize / (sp if ring else 1)
+                hand = Coll("collective-permute", width, False, 1.0, frozenset({"pp"}), 2)
+                last = Coll("all-reduce", width, False, 1.0, frozenset({"pp"}), pp)
                 outside += (m + pp - 2) * self._coll_time(hand, mb, 2, nodes) + self._coll_time(last, tokens, pp, nodes)
         return cal.step_overhead_s + (m + pp - 1) * tick + other + outside
 
     # -- the search --
 
     def sps(self, tp: int, ep: int) -> list[int]:
-        """The sp degrees searched beside (tp, ep): 1, and when the prompt spans several prefill chunks
-        (where splitting it pays), powers of two while tp * ep * sp stays inside a node: the ring's
-        permutes and decode's per-layer all-gather ride NVLink like tp's all-reduces. Only at pp = 1:
-        sequence parallelism does not run inside pipeline stages yet (jaxinfer/sharding.py)."""
+        """The sp degrees searched beside (tp, ep), at every pp: 1, and when the prompt spans several
+        prefill chunks (where splitting it pays), powers of two while tp * ep * sp stays inside a node:
+        the ring's permutes and decode's per-layer all-gather ride NVLink like tp's all-reduces, and
+        only pp's hand-overs cross nodes (the mesh puts pp outside tp, ep and sp)."""
         if self.req.isl <= PREFILL_CHUNK:
             return [1]
         return [1] + [1 << k for k in range(1, 8) if tp * ep << k <= self.req.gpus_per_node]
@@ -654,9 +660,10 @@ class Planner:
                 for pp in pps:
                     if tp * ep * pp > total:
                         break
-                    if tp * ep * pp > gpn and (tp * ep * pp) % gpn:
-                        continue  # a replica spanning nodes takes whole nodes
-                    for sp in self.sps(tp, ep) if pp == 1 else [1]:
+                    for sp in self.sps(tp, ep):
+                        n = tp * ep * sp * pp
+                        if n > total or (n > gpn and n % gpn):
+                            continue  # a replica spanning nodes takes whole nodes
                         out.extend((tp, ep, pp, q, sp) for q in quants)
         if cfg.num_experts and gpn < cfg.num_experts:
             rejected.append(f"ep > {gpn}: expert parallelism stays inside a node (all-to-all over NVLink)")
@@ -799,7 +806,7 @@ def plan(req: Request) -> dict:
                 if fast["tpot_ms"] > req.tpot_ms
                 else f"misses the TTFT target: predicted {fast['ttft_ms']:.0f} ms vs {req.ttft_ms:g} ms asked"
             )
-            rejected.append(f"{_family(tp, ep, sp)} {q} ({'any pp' if sp == 1 else 'pp = 1'}): {reason}")
+            rejected.append(f"{_family(tp, ep, sp)} {q} (any pp): {reason}")
     rejected.append(_sp_note(req))
     why = _why(rec, good, rows, req)
     log.info(
@@ -848,10 +855,10 @@ def _sp_note(req: Request) -> str:
             f"parallelism splits long prompts (searched when isl > {PREFILL_CHUNK})"
         )
     return (
-        f"sp > 1: searched at pp = 1 only (sp with pp > 1 does not run yet: jaxinfer/sharding.py rejects it) and "
-        f"inside a node (tp*ep*sp <= {req.gpus_per_node}: the ring's permutes and decode's per-layer all-gather "
-        f"stay on NVLink); with sp the engine's page pool is split over sp, a prompt's first chunk of {chunk} "
-        "tokens runs as ring attention and later chunks and decode attend on each rank to its own pages"
+        f"sp > 1: searched at every pp, inside a node (tp*ep*sp <= {req.gpus_per_node}: the ring's permutes and "
+        "decode's per-layer all-gather stay on NVLink; only pp crosses nodes); with sp the engine's page pool "
+        f"is split over sp, a prompt's first chunk of {chunk} tokens runs as ring attention (inside each "
+        "pipeline stage) and later chunks and decode attend on each rank to its own pages"
     )
 
 

@@ -56,11 +56,19 @@ def test_search_rules():
     cands, _ = moe.candidates(("none",))
     assert {ep for _, ep, *_ in cands} == {1, 2, 4, 8}
     assert all(128 % ep == 0 and tp * ep * pp <= 8 and 48 % pp == 0 for tp, ep, pp, *_ in cands)
-    # a long prompt: sp in powers of two beside tp and ep inside a node, at pp = 1 only
+    # a long prompt: sp in powers of two beside tp and ep inside a node, at every pp (pp may cross nodes)
     long = _planner(_req("llama3-70b", nodes=2, isl=4096))
     cands, _ = long.candidates(("none",))
     assert {(tp, sp) for tp, _, pp, _, sp in cands if sp > 1} == {(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 2)}
-    assert all(pp == 1 for _, _, pp, _, sp in cands if sp > 1)
+    assert {(tp, pp, sp) for tp, _, pp, _, sp in cands if sp > 1 and tp * sp * pp > 8} == {
+        (1, 2, 8),
+        (2, 2, 4),
+        (4, 2, 2),
+        (1, 4, 4),
+        (2, 4, 2),
+        (1, 8, 2),
+    }  # two whole nodes; tp*sp=2 at pp=5 would be 10 GPUs
+    assert all(tp * sp * pp <= 16 and 80 % pp == 0 for tp, _, pp, _, sp in cands)
     # tp must divide the heads and divide, or be a multiple of, the kv heads
     odd = config_lib.ModelConfig("llama", 100, 48, 96, 4, 12, 4, 4)
     assert plan.tp_problem(odd, 6) == "neither divides nor is a multiple of the 4 kv heads"
@@ -232,7 +240,8 @@ def test_a_config_json_alone_plans_like_the_built_in_shape(tmp_path):
 def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     """A 64k-token prompt on a small model whose 2 heads cap tp at 2, with 4 GPUs per node: splitting
     the prompt over sp as well is the only way to the TTFT asked, and the planner says so; sp rows hold
-    the weights whole on every sp rank (fewer tokens/s per GPU) and 1/sp of the KV pool."""
+    the weights whole on every sp rank (fewer tokens/s per GPU) and 1/sp of the KV pool, and an sp x pp
+    row 1/pp of both, with the ring inside each stage and the stages' hand-overs between them."""
     hf = {
         "model_type": "llama",
         "vocab_size": 32000,
@@ -249,7 +258,7 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     req = _req(str(path), gpus_per_node=4, isl=65536, quant="none", ttft_ms=45)
     r = plan.plan(req)
     rows = {(x["tp"], x["pp"], x["sp"]): x for x in r["_rows"]}
-    assert set(rows) == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2)}
+    assert set(rows) == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 2)}
     rec = r["recommended"]
     assert (rec["tp"], rec["pp"], rec["sp"], rec["gpus_per_replica"]) == (2, 1, 2, 4)
     assert r["why"].startswith("tp=2 pp=1 sp=2 unquantized x 1 replicas")
@@ -273,7 +282,31 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     assert [c.kind for c in over_sp] == ["all-gather"] and sum(c.weight for c in over_sp) == 1
     permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
     assert sum(c.weight for c in permutes) == 2 * (2 - 1) and all(c.axes == frozenset({"sp"}) for c in permutes)
-    assert "sp > 1: searched at pp = 1 only" in plan.format_plan(r)
+    assert "sp > 1: searched at every pp, inside a node (tp*ep*sp <= 4" in plan.format_plan(r)
     out = json.loads(plan.to_json(r))
     assert out["recommended"]["sp"] == 2 and {c["sp"] for c in out["configs"]} == {1, 2, 4}
     assert all(c["gpus_per_replica"] == c["tp"] * c["pp"] * c["ep"] * c["sp"] for c in out["configs"])
+
+    # sp x pp: each of the 2 stages holds half the layers' weights and its layers' share of the pool
+    staged, flat = rows[(1, 2, 2)], rows[(1, 1, 2)]
+    real = prepare(p.cfg, dict(sp=2, pp=2), dtype="bfloat16", random_weights=True, quant="none")
+    assert staged["weight_bytes_per_gpu"] == explain.per_device_param_bytes(real) < flat["weight_bytes_per_gpu"]
+    kv = explain.pool_bytes_per_token(real)
+    assert kv * 2 * 2 == p.memory_of(1, 1, "none").kv_per_token  # 1/sp of the pages, 1/pp of the layers
+    assert staged["kv_bytes_per_gpu"] == staged["max_concurrent_seqs"] * kv * (65536 + 256)
+    assert staged["max_concurrent_seqs"] >= 2 * flat["max_concurrent_seqs"]
+    # one prompt gains nothing from stages (its chunks cross them in turn); over sp it is still faster
+    assert flat["ttft_ms"] < staged["ttft_ms"] < rows[(1, 2, 1)]["ttft_ms"]
+    # the ring and the split pool's merge inside the stages, as at pp = 1, and the hand-overs between
+    # them: a ring chunk hands on its tokens split over sp, a later chunk and decode theirs whole
+    prog, flat_prog = p.program(1, 1, 2, sp=2), p.program(1, 1, 1, sp=2)
+    assert [c for c in prog.ring if "pp" not in c.axes] == flat_prog.ring
+    assert [c for c in prog.decode if "pp" not in c.axes] == flat_prog.decode
+    permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
+    assert sum(c.weight for c in permutes) == 2 and all(c.axes == frozenset({"sp"}) for c in permutes)
+    hand = {
+        name: [c.bytes_per_token for c in getattr(prog, name) if c.kind == "collective-permute" and "pp" in c.axes]
+        for name in ("ring", "prefill", "decode")
+    }
+    assert hand["ring"] == [hand["prefill"][0] / 2] and hand["prefill"] == hand["decode"]
+    assert hand["decode"][0] in (2048 * 2, 2048 * 4)  # one token's hidden state: bf16 (XLA:CPU moves it as f32)
