@@ -120,7 +120,7 @@ commands:
   explain    compile prefill and decode on the mesh without weights: memory and collectives per device
   bench      measure TTFT, TPOT, tokens/s and memory-bandwidth utilisation for --batch_sizes
   serve      an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) over --replicas
-  plan       choose tp x pp x ep x replicas x quant for --model on --nodes x --gpus_per_node --gpu at a --tpot_ms
+  plan       choose tp x pp x ep x sp x replicas x quant for --model on --nodes x --gpus_per_node --gpu at a --tpot_ms
 
 Logs go to stderr, completions to stdout. Example:
   jaxinfer generate --tp=3 --chat --prompt="What is the capital of France?"
