@@ -85,10 +85,11 @@ def ring_prefill_hlo(llm, t: int, length: int) -> str:
     return lowered.compile().as_text()
 
 
-def ring_chunk_hlo(llm, t: int, width: int) -> str:
-    """The compiled engine step that prefills a first chunk of t tokens on the ring (block table of `width`)."""
+def ring_chunk_hlo(llm, t: int, width: int, step=steps.prefill_chunk_ring) -> str:
+    """The compiled engine step that prefills a first chunk of t tokens on the ring (block table of `width`),
+    or with step=steps.prefill_chunk a later chunk."""
     eng = llm.engine
-    lowered = steps.prefill_chunk_ring.lower(
+    lowered = step.lower(
         eng.graphdef,
         llm.state,
         eng.cache_k,
@@ -164,7 +165,8 @@ def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes
     monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
     for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
         _assert_same(got, ref)
-    # Each prompt's first chunk ran split over sp (ring attention); its later chunks read the split pages.
+    # Each prompt's first chunk ran split over sp (ring attention); its later chunks split their tokens over
+    # sp too, attending to the split pages.
     assert [int(p[0, 0]) for p in ring_chunks] == [0, 0]
     hits = llm.engine.pages.hits
     _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
@@ -188,24 +190,33 @@ def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
     # out, max and sum of every (row, head) from each of the 2 ranks: [2, B, 1, N, H + 2] float32
     assert [(c.kind, c.bytes) for c in in_layer] == [("all-gather", 2 * s * cfg.num_heads * (cfg.head_dim + 2) * 4)]
     assert len(ops) == 1  # nothing else crosses devices; no K/V page is ever gathered
-    # A prefill chunk attends over its pages the same way (its one row is not split over dp).
-    text = (
-        steps.prefill_chunk.lower(
-            eng.graphdef,
-            llm.state,
-            eng.cache_k,
-            eng.cache_v,
-            np.zeros((1, w), np.int32),
-            np.ones((1, 64), bool),
-            np.zeros((1, 64), np.int32),
-            np.zeros((1, 64), np.int32),
-            split=llm.setup.page_split,
-        )
-        .compile()
-        .as_text()
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_a_later_chunk_splits_its_tokens_over_sp_and_hands_each_rank_its_own_partials(llama3, sp):
+    """A chunk after the first (or after a cached prefix) keeps its tokens split on seq outside attention:
+    every matmul of the projections and the MLP is [T/sp, ...] on a device. Per layer: the queries and the
+    new K/V gathered over sp (every query may see keys on every rank; a new token's page may lie on any),
+    and one all-to-all of the partials, each rank keeping its own tokens' (1/sp of an all-gather's bytes)."""
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=sp, unroll_layers=False)
+    cfg, t = llm.config, 64
+    n, k, hd = cfg.num_heads, llm.cache_kv_heads, cfg.head_dim
+    text = ring_chunk_hlo(llm, t, 16, step=steps.prefill_chunk)
+    projections = ("btd,dnh->btnh", "btd,dckh->btckh", "btf,fd->btd", "btd,dcf->btcf")  # q, kv, o and down, gate_up
+    layer_dots = [(shape, name) for shape, name in hlo.dots(text) if name.split("/")[-2] in projections]
+    assert len(layer_dots) == 5
+    assert all(shape[0] == t // sp for shape, _ in layer_dots), layer_dots  # [T/sp, out] (B = 1 folded)
+    ops, in_layer = hlo.layer_collectives(text, cfg.num_layers)
+    assert sorted((c.kind, c.bytes, c.axes(llm.mesh)) for c in in_layer) == sorted(
+        [
+            ("all-gather", t * n * hd * 4, {"sp"}),  # the queries [1, T, N, H]
+            ("all-gather", t * k * hd * 4, {"sp"}),  # the new keys
+            ("all-gather", t * k * hd * 4, {"sp"}),  # and values
+            ("all-to-all", t * n * (hd + 2) * 4, {"sp"}),  # partials [1, T, N, H + 2] out, T/sp of every rank's in
+        ]
     )
-    partials = 2 * 64 * cfg.num_heads * (cfg.head_dim + 2) * 4  # of its 64 tokens, from each rank
-    assert [(c.kind, c.bytes) for c in hlo.collectives(text)] == [("all-gather", partials)]
+    # Outside the layers only the chunk's positions, pages and offsets [1, T] are gathered (int32).
+    assert sorted((c.kind, c.bytes) for c in ops if c not in in_layer) == [("all-gather", t * 4)] * 3
 
 
 def test_explain_kv_bytes_per_token_fall_with_sp(llama3):
