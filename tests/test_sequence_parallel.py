@@ -174,6 +174,21 @@ def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes
     assert len(ring_chunks) == 2  # a chunk after a cached prefix reads it: not the ring
 
 
+def test_later_chunks_not_a_multiple_of_sp_are_padded_and_their_pads_write_no_real_page(llama3, monkeypatch):
+    """Chunks of 10 tokens over sp=4: each later chunk runs padded to 12, split 3 per rank; its pad tokens
+    are not valid, so they write only the null page, and decoding after them matches one device."""
+    opts = dict(ENGINE, prefill_chunk=10)
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True)
+    ref = jaxinfer.LLM(llama3, **opts).generate([PROMPT[:60]], params)[0]
+    llm = jaxinfer.LLM(llama3, **opts, sp=4)
+    later, chunk_step = [], steps.prefill_chunk
+    monkeypatch.setattr(steps, "prefill_chunk", lambda *a, **k: later.append(a[7].shape) or chunk_step(*a, **k))
+    got = llm.generate([PROMPT[:60]], params)[0]
+    assert later == [(1, 10)] * 5  # 59 tokens prefilled: a first chunk on the ring, then five split over sp
+    assert got.token_ids == ref.token_ids
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
+
+
 def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
     llm = jaxinfer.LLM(llama3, **ENGINE, sp=2, unroll_layers=False)
     cfg, eng, s, w = llm.config, llm.engine, 4, 16
