@@ -307,8 +307,8 @@ def test_sp_pp_score_matches_one_device(llama4, axes):
 @pytest.mark.parametrize("axes", [dict(sp=2, pp=2), dict(sp=2, pp=2, tp=2)], ids=["sp2xpp2", "sp2xpp2xtp2"])
 def test_sp_pp_engine_and_static_greedy_match_one_device(llama4, axes, monkeypatch):
     """generate_static prefills over the ring inside the stages and decodes from the unsplit cache; the
-    engine's first chunks run the ring inside the stages, its later chunks and decode read the split
-    pool there, and a cached prefix comes from the pages' own ranks."""
+    engine's first chunks run the ring inside the stages, its later chunks (split over sp too) and decode
+    read the split pool there, and a cached prefix comes from the pages' own ranks."""
     one, llm = jaxinfer.LLM(llama4, **ENGINE), jaxinfer.LLM(llama4, **ENGINE, **axes)
     ring_chunks, ring_step = [], steps.prefill_chunk_ring
     monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
@@ -416,8 +416,8 @@ def moe_greedy_ref(tiny_dir):
     "arch, axes, dispatch", [MOE_MESHES[i] for i in (0, 2, 3)], ids=[MOE_IDS[i] for i in (0, 2, 3)]
 )
 def test_moe_engine_and_static_greedy_match_one_device(tiny_dir, moe_greedy_ref, arch, axes, dispatch, monkeypatch):
-    """The engine's first chunk routes its tokens split over sp (ring attention), its later chunks and decode
-    replicated over sp; generate_static prefills split and decodes from the unsplit cache."""
+    """The engine's first chunk routes its tokens split over sp (ring attention), its later chunks split over
+    sp as well, decode replicated over sp; generate_static prefills split and decodes from the unsplit cache."""
     llm = jaxinfer.LLM(str(tiny_dir(arch)), **ENGINE, moe_dispatch=dispatch, **axes)
     ring_chunks = []
     ring_step = steps.prefill_chunk_ring
