@@ -160,18 +160,22 @@ def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes
     sp = axes["sp"]
     pool = llm.engine.cache_k
     assert pool.sharding.shard_shape(pool.shape)[1] == ENGINE["num_pages"] // sp  # each rank holds 1/sp of the pages
-    ring_chunks = []
-    ring_step = steps.prefill_chunk_ring
-    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
+    ring_chunks, later = [], []  # (first position, tokens) of each chunk on the ring, and of the others
+    ring_step, chunk_step = steps.prefill_chunk_ring, steps.prefill_chunk
+    record = lambda chunks, a: chunks.append((int(a[7][0, 0]), int(a[5].sum())))  # noqa: E731
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: record(ring_chunks, a) or ring_step(*a, **k))
+    monkeypatch.setattr(steps, "prefill_chunk", lambda *a, **k: record(later, a) or chunk_step(*a, **k))
     for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
         _assert_same(got, ref)
     # Each prompt's first chunk ran split over sp (ring attention); its later chunks split their tokens over
-    # sp too, attending to the split pages.
-    assert [int(p[0, 0]) for p in ring_chunks] == [0, 0]
+    # sp too (steps.prefill_chunk with the split), attending to the split pages.
+    assert [p for p, _ in ring_chunks] == [0, 0]
+    assert len(later) >= 4 and all(p > 0 for p, _ in later)  # 199 and 169 tokens, 64 a step shared by the two
     hits = llm.engine.pages.hits
     _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
     assert llm.engine.pages.hits - hits == 10  # the shared prefix came from the cache, from the pages' own ranks
     assert len(ring_chunks) == 2  # a chunk after a cached prefix reads it: not the ring
+    assert later[-1] == (160, 29)  # its new tokens after the 160 cached, split over sp
 
 
 def test_later_chunks_not_a_multiple_of_sp_are_padded_and_their_pads_write_no_real_page(llama3, monkeypatch):
