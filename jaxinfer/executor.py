@@ -81,7 +81,9 @@ class Executor:
 
     def ring_chunk(self, chunk: PrefillChunk) -> bool:
         """Whether `chunk` runs split over sp with ring attention: sp > 1, the prompt's first chunk (no
-        cached prefix to read) and at least 2·sp tokens; others run replicated over sp."""
+        cached prefix to read) and at least 2·sp tokens. The others (later chunks, a first new chunk
+        after a cached prefix, a short one) split their tokens over sp too and attend to the split pool
+        (`steps.prefill_chunk`)."""
         return self.split is not None and chunk.positions[0, 0] == 0 and chunk.valid.sum() >= 2 * self.split.size
 
     def prefill(self, chunk: PrefillChunk) -> None:

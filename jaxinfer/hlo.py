@@ -1,4 +1,5 @@
-"""Reading collectives out of compiled HLO text: what a step really moves between devices."""
+"""Reading collectives out of compiled HLO text: what a step really moves between devices (and the
+shapes of its matmuls: how much of the work one device does)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ _BYTES = {
 }
 _OP = re.compile(r"^\s*(?:ROOT )?%?(\S+) = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(.*op_name=\"([^\"]+)\"")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 
@@ -67,6 +69,12 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 _WHILE = re.compile(r"body=%?([\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def dots(hlo_text: str) -> list[tuple[tuple[int, ...], str]]:
+    """Every matmul of a compiled program that names its source: its result shape on one device and
+    its op_name (the named scopes and einsum it came from, e.g. ".../mlp/btd,dcf->btcf/dot_general")."""
+    return [(tuple(int(d) for d in dims.split(",") if d), name) for dims, name in _DOT.findall(hlo_text)]
 
 
 def loop_trip_counts(hlo_text: str) -> dict[str, int]:

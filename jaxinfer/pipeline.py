@@ -53,6 +53,9 @@ class Pipeline:
         mb = batch // m
         sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
         split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages
+        # A ring prefill's K/V lies split on seq (its attention permutes over sp); a later chunk's tokens
+        # split on seq too attend to the pool with an all-gather and an all-to-all, which keep to cond.
+        ring = bool(sp) and cache.splits_seq and split == 2
 
         def staged(stacked, x, cache, positions, cos, sin):
             stage = jax.lax.axis_index("pp")
@@ -70,7 +73,7 @@ class Pipeline:
                     )
                     return y, cache.put_rows(view, start)
 
-                if cache.splits_seq and sp:  # a ring prefill: every tick works, an idle one's K/V is dropped
+                if ring:  # a ring prefill: every tick works, an idle one's K/V is dropped
                     y, new = work(inp, cache)  # (an idle tick's y goes nowhere: the next stage is idle then too)
                     cache = jax.tree.map(functools.partial(jnp.where, active), new, cache)
                 else:
@@ -81,8 +84,8 @@ class Pipeline:
                     state = jax.lax.ppermute(y, "pp", [(i, i + 1) for i in range(stages - 1)])
             return sharding.psum(jnp.where(stage == stages - 1, outs, 0), "pp"), cache
 
-        seq = P(None, sp) if sp and cache.splits_seq else P()  # tokens split over sp: a ring prefill
-        cache_specs = _cache_specs(cache, P("pp", *(sp if d == split else None for d in (1, 2))))
+        seq = P(None, sp) if sp and cache.splits_seq else P()  # tokens split over sp: a ring prefill, a later chunk
+        cache_specs = _cache_specs(cache, P("pp", *(sp if d == split else None for d in (1, 2))), seq)
         return jax.shard_map(
             staged,
             mesh=self.mesh,
@@ -93,9 +96,11 @@ class Pipeline:
         )(stacked, x, cache, positions, cos, sin)
 
 
-def _cache_specs(cache, layers: P):
-    """Specs of a cache's fields: its k and v (each stacked over layers) by `layers`, the rest (block
-    tables, valid) replicated."""
+def _cache_specs(cache, layers: P, tokens: P):
+    """Specs of a cache's fields: its k and v (each stacked over layers) by `layers`, a paged cache's
+    `valid` [B, T] like the tokens, the rest (block tables) replicated."""
     specs = jax.tree.map(lambda _: P(), cache)
     kv = {f: jax.tree.map(lambda _: layers, getattr(cache, f)) for f in ("k", "v")}
-    return dataclasses.replace(specs, **kv) if dataclasses.is_dataclass(cache) else specs._replace(**kv)
+    if dataclasses.is_dataclass(cache):
+        return dataclasses.replace(specs, **kv)
+    return specs._replace(**kv, **({"valid": tokens} if "valid" in cache._fields else {}))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.sampling import sample
-from models.kv_cache import KVCache, PagedKVCache
+from models.kv_cache import KVCache, PagedKVCache, SeqPagedKVCache
 from models.ring_attention import Ring, SeqKV
 
 
@@ -76,8 +76,14 @@ def decode(graphdef, state, cache, tokens, positions, sampling, *, n_steps, gree
 @functools.partial(jax.jit, static_argnames=("graphdef", "split"), donate_argnames=("k", "v"))
 def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions, split: Ring | None = None):
     """Writes the keys/values of one prompt chunk tokens [1, C] at `positions` into the pages k/v; with
-    a `split` (sp > 1) the pages are split over sp (models/kv_cache.PagedKVCache)."""
-    cache = PagedKVCache(k, v, block_tables, valid, split)
+    a `split` (sp > 1) the pages are split over sp and so are the chunk's tokens, contiguous, attending
+    to every rank's pages (models/kv_cache.SeqPagedKVCache): a chunk after the prompt's first or after a
+    cached prefix (a first chunk takes `prefill_chunk_ring`)."""
+    if split is None:
+        cache = PagedKVCache(k, v, block_tables, valid)
+    else:
+        tokens, positions, valid = split.split_chunk(tokens, positions, valid)
+        cache = SeqPagedKVCache(k, v, block_tables, valid, split)
     _, cache = forward(graphdef, state, tokens, positions, cache, logit_index=jnp.zeros(tokens.shape[:1], jnp.int32))
     return cache.k, cache.v
 

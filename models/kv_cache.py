@@ -246,14 +246,17 @@ class PagedKVCache(NamedTuple):
         pages = jnp.take_along_axis(self.block_tables, q_pos // page_size, axis=1)  # [B, T]
         pages = jnp.where(self.valid, pages, 0)
         if self.split is not None:
-            new_k, new_v = self.split.paged_update(self.k, self.v, k, v, pages, q_pos % page_size, layer)
+            offsets = q_pos % page_size
+            new_k, new_v = self.split.paged_update(self.k, self.v, k, v, pages, offsets, layer, self.splits_seq)
             return self._replace(k=new_k, v=new_v)
         index = (layer, pages, q_pos % page_size)
         return self._replace(k=write_at(self.k, index, k), v=write_at(self.v, index, v))
 
     def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel: Callable | None = None):
         if self.split is not None:  # each sp rank over its own pages, partials merged (the kernel reads whole pools)
-            return self.split.paged_attend(q, self.k, self.v, self.block_tables, q_pos, layer, sliding_window)
+            return self.split.paged_attend(
+                q, self.k, self.v, self.block_tables, q_pos, layer, sliding_window, self.splits_seq
+            )
         # Both paths read the whole pool at `layer`: slicing one layer out first would copy it every step.
         if kernel is not None and q.shape[1] == 1 and not sliding_window:
             # A QuantKV pool reaches the kernel as its (values, scales) pair.
@@ -273,6 +276,17 @@ class PagedKVCache(NamedTuple):
 
     def put_rows(self, view: PagedKVCache, start) -> PagedKVCache:
         return self._replace(k=view.k, v=view.v)
+
+
+class SeqPagedKVCache(PagedKVCache):
+    """A `PagedKVCache` over a pool split over sp, for a prefill chunk whose tokens lie split on `seq`
+    as well (contiguous, T/sp per rank; `valid` [B, T] split alike): a chunk after a prompt's first, or
+    after a cached prefix. Its `split` gathers the chunk's K/V to write each rank's pages, and attends
+    every query of the chunk over each rank's own pages, each rank keeping the merged output of its own
+    tokens (models/ring_attention.Ring.paged_attend)."""
+
+    __slots__ = ()
+    splits_seq = True
 
 
 def storage_dtype(kind: str, dtype):

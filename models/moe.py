@@ -108,7 +108,7 @@ class MoE:
         seq = self.mesh.shape[rules["seq"]] if seq_split and rules.get("seq") else 1
         if rules.get("seq") in sharding.manual_axes():  # in a pipeline stage manual over sp: h is this rank's tokens
             seq = 1
-        if seq == 1 or t % seq:  # tokens replicated over sp (decode, a later chunk): every sp rank routes them all
+        if seq == 1 or t % seq:  # tokens replicated over sp (decode): every sp rank routes them all
             rules["seq"], seq = None, 1
         mode = self.mode(cfg, b * t // (shards * seq), h.dtype.itemsize)
         act = sharding.spec(("batch", "seq", "embed"), rules)

@@ -21,8 +21,14 @@ holds a contiguous range of page ids, a sequence's pages are dealt round robin o
 on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
 partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
 layer. A prompt's first chunk (nothing cached before it) runs as a static prefill does, zigzag and
-ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers; a later chunk
-runs replicated over sp and attends to the split pool as decode does.
+ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers. A later chunk
+(or a prompt's first new chunk after a cached prefix: the cached part is only read) splits its new
+tokens over sp too, contiguous (`Ring.split_chunk`, models/kv_cache.SeqPagedKVCache): outside
+attention each rank holds T/sp of them; per layer the chunk's new K/V is gathered over sp and written
+to its pages, its queries gathered, every rank attends all of them over its own pages, and one
+all-to-all hands each rank its own tokens' partials from every rank to merge. Decode (one token per
+sequence, nothing to split) runs replicated over sp: the same attention over pages, merged after one
+all-gather of the partials.
 """
 
 from __future__ import annotations
@@ -159,41 +165,56 @@ class Ring:
             return QuantKV(values, self.spec("layers", "pages", None, "cache_heads", None))
         return values
 
-    def paged_update(self, k_pool, v_pool, k, v, pages, offsets, layer):
+    def paged_update(self, k_pool, v_pool, k, v, pages, offsets, layer, seq_split: bool = False):
         """Writes new keys/values k/v [B, T, K, H] at global page ids `pages` and `offsets` [B, T] of
         `layer` into pools split over sp by page id (rank r holds ids [r*P/sp, (r+1)*P/sp)): each rank
         writes the tokens whose page it holds and drops the others, so a new token's K/V lands on the
-        rank that owns its page with no collective over sp (every sp rank has computed it). Over dp the
+        rank that owns its page. Replicated over sp (decode), every rank has computed every token, so
+        nothing crosses sp; with `seq_split` k/v/pages/offsets lie split on `seq` (a later prefill
+        chunk) and each rank gathers them over sp first (a token's page may lie on any rank). Over dp the
         rows are gathered first: every dp replica holds the whole pool, so each writes every row.
         layer=None: k/v hold every layer, [L, B, T, K, H] (split on `seq` they are gathered first)."""
         axis, every = self.axis, layer is None
 
         def body(kp, vp, k, v, pages, offsets, layer):
+            if seq_split:  # [B, T/sp, ...] -> [B, T, ...]: the chunk's new K/V, the one gather of this layer's
+                k, v = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (k, v))
+                pages, offsets = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (pages, offsets))
             n_local = kp.shape[1]
             local = pages - jax.lax.axis_index(axis) * n_local
             local = jnp.where((local >= 0) & (local < n_local), local, n_local)  # another rank's page: dropped
             index = (slice(None) if every else layer, local, offsets)
             return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
 
+        seq = "seq" if seq_split else None
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
-        new = self.spec(*(["layers"] if every else []), None, None, "cache_heads", None)
-        idx = self.spec(None, None)
+        new = self.spec(*(["layers"] if every else []), None, seq, "cache_heads", None)
+        idx = self.spec(None, seq)
         return sharding.shard_map(body, self.mesh, (*pools, new, new, idx, idx, P()), pools)(
             k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32)
         )
 
-    def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window):
+    def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window, seq_split: bool = False):
         """q [B, T, N, H] at positions q_pos [B, T] attends to its sequence's pages of `layer` in pools
         split over sp. A sequence's pages are dealt round robin (block i on rank i % sp, see
         jaxinfer/scheduler.py), so rank r reads only entries r, r + sp, ... of each block table: 1/sp of
         the keys, its own pages. Each rank returns its unnormalised output, row max and row sum; one
         all-gather over sp of those [B, T, N, H + 2] partials per layer, and a log-sum-exp merge on every
         rank, give the output [B, T, N, H] (replicated over sp). A decode step (T = 1) without a sliding
-        window takes the Pallas kernel's partials when `decode_kernel` says so; the rest the XLA path."""
+        window takes the Pallas kernel's partials when `decode_kernel` says so; the rest the XLA path.
+
+        With `seq_split`, q and q_pos lie split on `seq` (a later prefill chunk, T/sp tokens per rank):
+        each rank gathers the chunk's queries over sp (every query may see keys on every rank), computes
+        the partials of all T over its pages, and one all-to-all over sp hands rank r the partials of its
+        own T/sp queries from every rank, merged there: the output stays split on `seq`. That moves
+        (sp-1)/sp of one rank's [B, T, N, H + 2] partials per rank, 1/sp of what all-gathering them (and
+        keeping one's own share) would move, and merges only the rank's own rows."""
         size, axis = self.size, self.axis
-        kernel = self.decode_kernel != "xla" and q.shape[1] == 1 and not sliding_window
+        kernel = self.decode_kernel != "xla" and q.shape[1] == 1 and not sliding_window and not seq_split
 
         def body(q, kp, vp, tables, q_pos, layer):
+            if seq_split:  # [B, T/sp, ...] -> [B, T, ...]: every query of the chunk against this rank's pages
+                q, q_pos = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (q, q_pos))
             rank = jax.lax.axis_index(axis)
             n_local, ps = kp.shape[1], kp.shape[2]
             b, w = tables.shape
@@ -221,13 +242,17 @@ class Ring:
 
         def merge(out, m, total):
             parts = jnp.concatenate([out, m[..., None], total[..., None]], axis=-1)  # [B, T, N, H + 2]
-            parts = jax.lax.all_gather(parts, axis)  # [sp, B, T, N, H + 2]: the layer's one collective over sp
+            if seq_split:  # rank r receives every rank's partials of its own queries: [sp·B, T/sp, N, H + 2]
+                parts = jax.lax.all_to_all(parts, axis, split_axis=1, concat_axis=0, tiled=True)
+                parts = parts.reshape(size, -1, *parts.shape[1:])
+            else:
+                parts = jax.lax.all_gather(parts, axis)  # [sp, B, T, N, H + 2]: the layer's one collective over sp
             return kv_cache.merge_partials(parts[..., :-2], parts[..., -2], parts[..., -1], q.dtype)
 
-        bn = self._batch(q.shape[0])
-        qs, rows = self.spec(bn, None, "q_heads", None), self.spec(bn, None)
+        bn, seq = self._batch(q.shape[0]), "seq" if seq_split else None
+        qs, rows, tables = self.spec(bn, seq, "q_heads", None), self.spec(bn, seq), self.spec(bn, None)
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
-        return sharding.shard_map(body, self.mesh, (qs, *pools, rows, rows, P()), qs)(
+        return sharding.shard_map(body, self.mesh, (qs, *pools, tables, rows, P()), qs)(
             q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32)
         )
 
@@ -244,6 +269,15 @@ class Ring:
         inverse = np.argsort(order)
         tokens, positions = (self.constrain(a[:, order], "batch", "seq") for a in (tokens, positions))
         return tokens, positions, order, inverse
+
+    def split_chunk(self, *rows):
+        """[B, T] arrays of a prefill chunk read against the split pool (tokens, positions, valid) ->
+        padded with zeros to a multiple of sp and split on `seq`, contiguous: the attention work is
+        spread by pages, not by tokens, so no zigzag is needed. A pad token is not valid (zero is False),
+        so it writes only the null page; at position 0 it attends as a real query would, never to a row
+        that sees nothing."""
+        pad = -rows[0].shape[1] % self.size
+        return tuple(self.constrain(jnp.pad(a, ((0, 0), (0, pad))), "batch", "seq") for a in rows)
 
 
 # A Ring rides in the paged cache's pytree (PagedKVCache.split) as static data, never as arrays.

@@ -85,10 +85,11 @@ def ring_prefill_hlo(llm, t: int, length: int) -> str:
     return lowered.compile().as_text()
 
 
-def ring_chunk_hlo(llm, t: int, width: int) -> str:
-    """The compiled engine step that prefills a first chunk of t tokens on the ring (block table of `width`)."""
+def ring_chunk_hlo(llm, t: int, width: int, step=steps.prefill_chunk_ring) -> str:
+    """The compiled engine step that prefills a first chunk of t tokens on the ring (block table of `width`),
+    or with step=steps.prefill_chunk a later chunk."""
     eng = llm.engine
-    lowered = steps.prefill_chunk_ring.lower(
+    lowered = step.lower(
         eng.graphdef,
         llm.state,
         eng.cache_k,
@@ -159,17 +160,37 @@ def test_engine_decodes_from_a_split_pool_as_one_device(llama3, engine_ref, axes
     sp = axes["sp"]
     pool = llm.engine.cache_k
     assert pool.sharding.shard_shape(pool.shape)[1] == ENGINE["num_pages"] // sp  # each rank holds 1/sp of the pages
-    ring_chunks = []
-    ring_step = steps.prefill_chunk_ring
-    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
+    ring_chunks, later = [], []  # (first position, tokens) of each chunk on the ring, and of the others
+    ring_step, chunk_step = steps.prefill_chunk_ring, steps.prefill_chunk
+    record = lambda chunks, a: chunks.append((int(a[7][0, 0]), int(a[5].sum())))  # noqa: E731
+    monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: record(ring_chunks, a) or ring_step(*a, **k))
+    monkeypatch.setattr(steps, "prefill_chunk", lambda *a, **k: record(later, a) or chunk_step(*a, **k))
     for got, ref in zip(llm.generate(PROMPTS, DECODE), engine_ref):
         _assert_same(got, ref)
-    # Each prompt's first chunk ran split over sp (ring attention); its later chunks read the split pages.
-    assert [int(p[0, 0]) for p in ring_chunks] == [0, 0]
+    # Each prompt's first chunk ran split over sp (ring attention); its later chunks split their tokens over
+    # sp too (steps.prefill_chunk with the split), attending to the split pages.
+    assert [p for p, _ in ring_chunks] == [0, 0]
+    assert len(later) >= 4 and all(p > 0 for p, _ in later)  # 199 and 169 tokens, 64 a step shared by the two
     hits = llm.engine.pages.hits
     _assert_same(llm.generate([PREFIXED], DECODE)[0], engine_ref[2])
     assert llm.engine.pages.hits - hits == 10  # the shared prefix came from the cache, from the pages' own ranks
     assert len(ring_chunks) == 2  # a chunk after a cached prefix reads it: not the ring
+    assert later[-1] == (160, 29)  # its new tokens after the 160 cached, split over sp
+
+
+def test_later_chunks_not_a_multiple_of_sp_are_padded_and_their_pads_write_no_real_page(llama3, monkeypatch):
+    """Chunks of 10 tokens over sp=4: each later chunk runs padded to 12, split 3 per rank; its pad tokens
+    are not valid, so they write only the null page, and decoding after them matches one device."""
+    opts = dict(ENGINE, prefill_chunk=10)
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True)
+    ref = jaxinfer.LLM(llama3, **opts).generate([PROMPT[:60]], params)[0]
+    llm = jaxinfer.LLM(llama3, **opts, sp=4)
+    later, chunk_step = [], steps.prefill_chunk
+    monkeypatch.setattr(steps, "prefill_chunk", lambda *a, **k: later.append(a[7].shape) or chunk_step(*a, **k))
+    got = llm.generate([PROMPT[:60]], params)[0]
+    assert later == [(1, 10)] * 5  # 59 tokens prefilled: a first chunk on the ring, then five split over sp
+    assert got.token_ids == ref.token_ids
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
 
 
 def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
@@ -188,24 +209,33 @@ def test_decode_hlo_merges_partials_with_one_small_all_gather_per_layer(llama3):
     # out, max and sum of every (row, head) from each of the 2 ranks: [2, B, 1, N, H + 2] float32
     assert [(c.kind, c.bytes) for c in in_layer] == [("all-gather", 2 * s * cfg.num_heads * (cfg.head_dim + 2) * 4)]
     assert len(ops) == 1  # nothing else crosses devices; no K/V page is ever gathered
-    # A prefill chunk attends over its pages the same way (its one row is not split over dp).
-    text = (
-        steps.prefill_chunk.lower(
-            eng.graphdef,
-            llm.state,
-            eng.cache_k,
-            eng.cache_v,
-            np.zeros((1, w), np.int32),
-            np.ones((1, 64), bool),
-            np.zeros((1, 64), np.int32),
-            np.zeros((1, 64), np.int32),
-            split=llm.setup.page_split,
-        )
-        .compile()
-        .as_text()
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_a_later_chunk_splits_its_tokens_over_sp_and_hands_each_rank_its_own_partials(llama3, sp):
+    """A chunk after the first (or after a cached prefix) keeps its tokens split on seq outside attention:
+    every matmul of the projections and the MLP is [T/sp, ...] on a device. Per layer: the queries and the
+    new K/V gathered over sp (every query may see keys on every rank; a new token's page may lie on any),
+    and one all-to-all of the partials, each rank keeping its own tokens' (1/sp of an all-gather's bytes)."""
+    llm = jaxinfer.LLM(llama3, **ENGINE, sp=sp, unroll_layers=False)
+    cfg, t = llm.config, 64
+    n, k, hd = cfg.num_heads, llm.cache_kv_heads, cfg.head_dim
+    text = ring_chunk_hlo(llm, t, 16, step=steps.prefill_chunk)
+    projections = ("btd,dnh->btnh", "btd,dckh->btckh", "btf,fd->btd", "btd,dcf->btcf")  # q, kv, o and down, gate_up
+    layer_dots = [(shape, name) for shape, name in hlo.dots(text) if name.split("/")[-2] in projections]
+    assert len(layer_dots) == 5
+    assert all(shape[0] == t // sp for shape, _ in layer_dots), layer_dots  # [T/sp, out] (B = 1 folded)
+    ops, in_layer = hlo.layer_collectives(text, cfg.num_layers)
+    assert sorted((c.kind, c.bytes, c.axes(llm.mesh)) for c in in_layer) == sorted(
+        [
+            ("all-gather", t * n * hd * 4, {"sp"}),  # the queries [1, T, N, H]
+            ("all-gather", t * k * hd * 4, {"sp"}),  # the new keys
+            ("all-gather", t * k * hd * 4, {"sp"}),  # and values
+            ("all-to-all", t * n * (hd + 2) * 4, {"sp"}),  # partials [1, T, N, H + 2] out, T/sp of every rank's in
+        ]
     )
-    partials = 2 * 64 * cfg.num_heads * (cfg.head_dim + 2) * 4  # of its 64 tokens, from each rank
-    assert [(c.kind, c.bytes) for c in hlo.collectives(text)] == [("all-gather", partials)]
+    # Outside the layers only the chunk's positions, pages and offsets [1, T] are gathered (int32).
+    assert sorted((c.kind, c.bytes) for c in ops if c not in in_layer) == [("all-gather", t * 4)] * 3
 
 
 def test_explain_kv_bytes_per_token_fall_with_sp(llama3):
@@ -281,8 +311,8 @@ def test_sp_pp_score_matches_one_device(llama4, axes):
 @pytest.mark.parametrize("axes", [dict(sp=2, pp=2), dict(sp=2, pp=2, tp=2)], ids=["sp2xpp2", "sp2xpp2xtp2"])
 def test_sp_pp_engine_and_static_greedy_match_one_device(llama4, axes, monkeypatch):
     """generate_static prefills over the ring inside the stages and decodes from the unsplit cache; the
-    engine's first chunks run the ring inside the stages, its later chunks and decode read the split
-    pool there, and a cached prefix comes from the pages' own ranks."""
+    engine's first chunks run the ring inside the stages, its later chunks (split over sp too) and decode
+    read the split pool there, and a cached prefix comes from the pages' own ranks."""
     one, llm = jaxinfer.LLM(llama4, **ENGINE), jaxinfer.LLM(llama4, **ENGINE, **axes)
     ring_chunks, ring_step = [], steps.prefill_chunk_ring
     monkeypatch.setattr(steps, "prefill_chunk_ring", lambda *a, **k: ring_chunks.append(a[7]) or ring_step(*a, **k))
@@ -390,8 +420,8 @@ def moe_greedy_ref(tiny_dir):
     "arch, axes, dispatch", [MOE_MESHES[i] for i in (0, 2, 3)], ids=[MOE_IDS[i] for i in (0, 2, 3)]
 )
 def test_moe_engine_and_static_greedy_match_one_device(tiny_dir, moe_greedy_ref, arch, axes, dispatch, monkeypatch):
-    """The engine's first chunk routes its tokens split over sp (ring attention), its later chunks and decode
-    replicated over sp; generate_static prefills split and decodes from the unsplit cache."""
+    """The engine's first chunk routes its tokens split over sp (ring attention), its later chunks split over
+    sp as well, decode replicated over sp; generate_static prefills split and decodes from the unsplit cache."""
     llm = jaxinfer.LLM(str(tiny_dir(arch)), **ENGINE, moe_dispatch=dispatch, **axes)
     ring_chunks = []
     ring_step = steps.prefill_chunk_ring
