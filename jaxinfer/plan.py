@@ -10,12 +10,15 @@ of the peaks a step reaches, and that overhead, come from a calibration file fit
 
 Sequence parallelism is planned as the serving engine runs it: the page pool split over sp (each rank
 holds the weights whole and 1/sp of the KV), a prompt's first prefill chunk as ring attention (1/sp of
-its tokens per rank against all its keys, the ring's permutes on the link), later chunks and decode run
-on every rank over its own pages, 1/sp of the keys, with one all-gather per layer merging the partials.
-So sp shortens the TTFT of a long prompt (its attention) and lets a context fit, at the price of weights
-read on every sp rank: it is searched inside a node beside tp and ep, at every pp (the pipeline's stages
-run the ring and the split pool inside them; pp may cross nodes), when the prompt spans several prefill
-chunks, and wins where a TTFT needs more than tp alone gives.
+its tokens per rank against all its keys, the ring's permutes on the link), a later chunk with 1/sp of
+its tokens per rank outside attention (per layer its queries, keys and values all-gathered over sp, every
+query attending to the rank's own pages, 1/sp of the keys, and one all-to-all returning each rank its
+tokens' partials), and decode on every rank over its own pages with one all-gather per layer merging the
+partials. So sp shortens the TTFT of a long prompt (every chunk's matmuls and attention split over sp)
+and lets a context fit, at the price of weights read whole on every sp rank at every step: it is
+searched inside a node beside tp and ep, at every pp (the pipeline's stages run the ring and the split
+pool inside them; pp may cross nodes), when the prompt spans several prefill chunks, and wins where a
+TTFT needs more than tp alone gives.
 
 Compiles are bounded: memory is read per (tp, ep, sp, quant) from the shardings at pp = 1 (a stacked
 layer weight and the cache split exactly 1/pp over pp; embedding and head sit on every stage: no
@@ -23,7 +26,7 @@ compile), collectives per (tp, ep) from the static path's programs compiled at p
 hand-overs from one program compiled at pp = 2 (their count per step follows the pipeline's schedule,
 M + pp - 2); with sp > 1, per (tp, ep, sp) from the engine's programs over the split pool
 (explain.compile_engine_steps) at pp = 1, and the stage hand-overs per sp from the engine's programs
-compiled at tp = ep = 1, pp = 2 (a ring chunk hands over its activations split over sp). Collectives are
+compiled at tp = ep = 1, pp = 2 (a prefill chunk hands over its activations split over sp). Collectives are
 read from the unquantized program at the activation dtype, which is what every weight format moves. So a
 plan compiles (number of valid (tp, ep)) + (number of valid (tp, ep, sp > 1)) + 1 + (number of sp > 1
 searched with pp > 1) programs, each a prefill and a decode step (three for sp: the ring chunk, a later
@@ -459,8 +462,8 @@ class Planner:
         """Collectives and activation peak of (tp, ep, sp) compiled at pp = 1; for pp > 1 the same plus
         the collectives that cross pipeline stages, read from one program compiled at tp = ep = 1, pp = 2
         and the same sp (a stage hands over its activations whole, replicated over tp and ep, so their
-        bytes do not depend on tp or ep, and more stages repeat the same hand-over once per tick; a ring
-        chunk's hand-over is split over sp, so its bytes do depend on sp). With sp > 1, the serving
+        bytes do not depend on tp or ep, and more stages repeat the same hand-over once per tick; a
+        prefill chunk's hand-over is split over sp, so its bytes do depend on sp). With sp > 1, the serving
         engine's programs over its page pool split over sp (`_compile_engine`)."""
         import jax
 
@@ -514,9 +517,10 @@ class Planner:
 
     def _compile_engine(self, tp: int, ep: int, sp: int, pp: int = 1) -> Program:
         """The serving engine's programs at sp > 1 (the static path's decode does not split the KV over sp
-        as the engine does): a prompt's first chunk as ring attention, a later chunk and a decode step,
-        each attending on every sp rank to its own pages and merging the partials with one all-gather
-        per layer (explain.compile_engine_steps); at pp > 1 inside each pipeline stage."""
+        as the engine does; explain.compile_engine_steps): a prompt's first chunk as ring attention, a
+        later chunk split over sp (per layer all-gathers of its queries, keys and values and one
+        all-to-all of the partials over the ranks' pages) and a decode step (one all-gather per layer
+        merging the ranks' partials); at pp > 1 inside each pipeline stage."""
         import jax
 
         from jaxinfer.runtime import buckets, prepare
@@ -575,9 +579,10 @@ class Planner:
         """Seconds of one step on one replica: a decode step over `tokens` sequences of `kv_len` tokens of
         context each, or one sequence's prefill chunk of `tokens` tokens ending at `kv_len`. With pp
         stages the batch runs in M micro-batches over M + pp - 1 ticks (the bubble). With sp > 1 each
-        rank holds 1/sp of the KV: a step attends on every rank to its share of the keys (the chunk's
-        tokens all run on every rank), or, a prompt's first chunk (`ring`), each rank runs 1/sp of the
-        tokens against all the chunk's keys."""
+        rank holds 1/sp of the KV and reads the weights whole: a decode step runs its tokens on every rank
+        against its share of the keys; a prefill chunk runs 1/sp of its tokens per rank through the
+        weights, and its attention is 1/sp per rank too: a prompt's first chunk (`ring`) 1/sp of the
+        queries against all the chunk's keys, a later chunk every query (gathered) against its own pages."""
         cal, hw, cfg = self.cal, self.hw, self.cfg
         tp, ep, sp = (mem.setup.mesh.shape[a] for a in ("tp", "ep", "sp"))
         seqs = tokens if decode else 1
@@ -589,8 +594,10 @@ class Planner:
         peak = hw.flops(mem.quant) * cal.flops_fraction / active
         kv = mem.kv_per_token / pp * (mb * kv_len if decode else kv_len)
         passes = self.cal.scan_weight_passes if (pp > 1 if scanned is None else scanned) else 1.0
-        layer_bytes = mem.stacked_read(mb) * passes / pp + kv
-        flop_tokens, attended = (mb / sp, kv_len) if ring else (mb, kv_len / sp)
+        # matmul_flops' attention term is tokens x keys: a later chunk's mb x kv_len / sp per rank is the
+        # ring's mb / sp x kv_len, so both prefill forms price as 1/sp of the tokens against every key
+        flop_tokens, attended = (mb, kv_len / sp) if decode else (mb / sp, kv_len)
+        layer_bytes = mem.stacked_read(flop_tokens) * passes / pp + kv  # the experts this rank's tokens chose
         layer_flops = explain.matmul_flops(mem.setup, flop_tokens, attended, 0) / pp
         colls = prog.decode if decode else prog.ring if ring else prog.prefill
         comm = sum(c.weight * self._coll_time(c, mb, c.size, nodes) for c in colls if c.in_layer) * cfg.num_layers / pp
@@ -619,9 +626,9 @@ class Planner:
                 outside += (m + pp - 2) * sum(self._coll_time(c, mb, 2, nodes) for c in permutes)
             else:
                 # No pp program compiled (too few devices): each hand-over moves one micro-batch's
-                # activations (a ring chunk's split over sp), and the last stage's output is summed over
+                # activations (a prefill chunk's split over sp), and the last stage's output is summed over
                 # the stages once.
-                width = cfg.hidden_size * np.dtype(mem.setup.dtype).itemsize / (sp if ring else 1)
+                width = cfg.hidden_size * np.dtype(mem.setup.dtype).itemsize / (1 if decode else sp)
                 hand = Coll("collective-permute", width, False, 1.0, frozenset({"pp"}), 2)
                 last = Coll("all-reduce", width, False, 1.0, frozenset({"pp"}), pp)
                 outside += (m + pp - 2) * self._coll_time(hand, mb, 2, nodes) + self._coll_time(last, tokens, pp, nodes)
@@ -632,8 +639,9 @@ class Planner:
     def sps(self, tp: int, ep: int) -> list[int]:
         """The sp degrees searched beside (tp, ep), at every pp: 1, and when the prompt spans several
         prefill chunks (where splitting it pays), powers of two while tp * ep * sp stays inside a node:
-        the ring's permutes and decode's per-layer all-gather ride NVLink like tp's all-reduces, and
-        only pp's hand-overs cross nodes (the mesh puts pp outside tp, ep and sp)."""
+        the ring's permutes, a later chunk's all-gathers and all-to-all and decode's all-gather ride
+        NVLink like tp's all-reduces, and only pp's hand-overs cross nodes (the mesh puts pp outside tp,
+        ep and sp)."""
         if self.req.isl <= PREFILL_CHUNK:
             return [1]
         return [1] + [1 << k for k in range(1, 8) if tp * ep << k <= self.req.gpus_per_node]
@@ -858,9 +866,9 @@ def _sp_note(req: Request) -> str:
         )
     return (
         f"sp > 1: searched at every pp, inside a node (tp*ep*sp <= {req.gpus_per_node}: the ring's permutes and "
-        "decode's per-layer all-gather stay on NVLink; only pp crosses nodes); with sp the engine's page pool "
-        f"is split over sp, a prompt's first chunk of {chunk} tokens runs as ring attention (inside each "
-        "pipeline stage) and later chunks and decode attend on each rank to its own pages"
+        "the per-layer all-gathers and all-to-all stay on NVLink; only pp crosses nodes); with sp the engine's "
+        f"page pool is split over sp, a prompt's first chunk of {chunk} tokens runs as ring attention (inside each "
+        "pipeline stage), later chunks split their tokens over sp too, and each rank attends to its own pages"
     )
 
 

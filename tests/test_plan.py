@@ -282,6 +282,21 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     assert [c.kind for c in over_sp] == ["all-gather"] and sum(c.weight for c in over_sp) == 1
     permutes = [c for c in prog.ring if c.in_layer and c.kind == "collective-permute"]
     assert sum(c.weight for c in permutes) == 2 * (2 - 1) and all(c.axes == frozenset({"sp"}) for c in permutes)
+    # a later chunk, its tokens split over sp, gathers its q, k and v and returns the partials by one
+    # all-to-all per layer, all over sp: inside a node even when the replica's stages span nodes
+    later = [c for c in prog.prefill if c.in_layer and c.axes != frozenset({"tp"})]  # tp's all-reduces aside
+    assert sorted(c.kind for c in later) == ["all-gather"] * 3 + ["all-to-all"]
+    assert all(c.axes == frozenset({"sp"}) and c.size == 2 for c in later)
+    assert all(p._link(c.axes, 2) == p._link(frozenset({"tp"}), 2) != p._link(frozenset({"pp"}), 2) for c in later)
+    # its matmuls and attention split over sp as the ring chunk's do: the same work per rank, half the
+    # unsplit chunk's (a compute-bound chunk deep in the prompt; the head's one token is not split)
+    bare = plan.Program(1, [], [], 0, True, ring=[])
+    split = p.memory_of(2, 1, "none", sp=2)
+    later_s, ring_s = (p.step_time(split, bare, 1, 2048, 65536, False, 1, ring=r) for r in (False, True))
+    assert later_s == ring_s
+    assert math.isclose(
+        later_s, p.step_time(p.memory_of(2, 1, "none"), bare, 1, 2048, 65536, False, 1) / 2, rel_tol=0.02
+    )
     assert "sp > 1: searched at every pp, inside a node (tp*ep*sp <= 4" in plan.format_plan(r)
     out = json.loads(plan.to_json(r))
     assert out["recommended"]["sp"] == 2 and {c["sp"] for c in out["configs"]} == {1, 2, 4}
@@ -298,7 +313,7 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     # one prompt gains nothing from stages (its chunks cross them in turn); over sp it is still faster
     assert flat["ttft_ms"] < staged["ttft_ms"] < rows[(1, 2, 1)]["ttft_ms"]
     # the ring and the split pool's merge inside the stages, as at pp = 1, and the hand-overs between
-    # them: a ring chunk hands on its tokens split over sp, a later chunk and decode theirs whole
+    # them: a prefill chunk (ring or later) hands on its tokens split over sp, decode its tokens whole
     prog, flat_prog = p.program(1, 1, 2, sp=2), p.program(1, 1, 1, sp=2)
     assert [c for c in prog.ring if "pp" not in c.axes] == flat_prog.ring
     assert [c for c in prog.decode if "pp" not in c.axes] == flat_prog.decode
@@ -308,5 +323,5 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
         name: [c.bytes_per_token for c in getattr(prog, name) if c.kind == "collective-permute" and "pp" in c.axes]
         for name in ("ring", "prefill", "decode")
     }
-    assert hand["ring"] == [hand["prefill"][0] / 2] and hand["prefill"] == hand["decode"]
+    assert hand["ring"] == hand["prefill"] == [hand["decode"][0] / 2]
     assert hand["decode"][0] in (2048 * 2, 2048 * 4)  # one token's hidden state: bf16 (XLA:CPU moves it as f32)
