@@ -102,6 +102,26 @@ def attention(
     return choose("attention", requested, probe, unsupported)
 
 
+def int8_matmul(quant: str, mesh: jax.sharding.Mesh) -> Choice | None:
+    """The per-channel int8 contraction (models/quant.einsum) of a model held in int8: the C++ kernel
+    (cpu_kernels/int8_matmul) on a one-device CPU mesh where it builds, XLA's convert-then-dot elsewhere.
+    None for a model not held in int8. Set JAXINFER_CPU_KERNELS=0 to keep the XLA path."""
+    if quant != "int8":
+        return None
+    platform = mesh.devices.flat[0].platform
+    if platform != "cpu":
+        return Choice("xla", f"the kernel is for CPU; this mesh is on {platform}")
+    if mesh.devices.size > 1:
+        # GSPMD cannot partition an FFI call; it would gather the weights onto every device.
+        return Choice("xla", f"the mesh has {mesh.devices.size} devices and the kernel runs on one")
+    from cpu_kernels import load
+
+    why = load()
+    if why is not None:
+        return Choice("xla", f"the kernel is unavailable: {why}")
+    return Choice("cpu", "one pass over the int8 weight at decode sizes (cpu_kernels/int8_matmul.cc)")
+
+
 def grouped_matmul(cfg: ModelConfig, dtype, requested: str) -> Choice:
     """The routed experts' grouped matmul (only asked for mixture-of-experts models)."""
     from pallas_kernels import moe

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from cpu_kernels import int8_matmul as cpu_int8
+
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 GROUPS = (128, 64, 32, 16)  # int4 group sizes, the first that divides the input dimension
 
@@ -241,10 +243,46 @@ def _broadcast_to_out(a, dims: str, out: str):
     return a.reshape([sizes.get(c, 1) for c in out])
 
 
-def einsum(spec: str, x: jax.Array, w, **kw) -> jax.Array:
+KERNEL_MAX_ROWS = 16  # activation rows up to which the CPU int8 kernel beats XLA (python -m cpu_kernels.int8_matmul)
+
+
+def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
+    """The contraction as cpu_kernels.int8_matmul's 2-D [M, K] x [K, N] (or [N, K]) product, by reshapes
+    of contiguous dimensions only, or None where it does not map (then the caller takes the XLA path):
+    x's contracted dimensions must trail it in the weight's order, the weight must be all contracted
+    dimensions then all output ones (kn: wq [embed, heads, head_dim]) or the reverse (nk: the tied
+    embedding [vocab, embed]), and the output must be x's other dimensions then the weight's outputs.
+    Large M (prefill) keeps XLA's dot, which is compute bound there and blocks for the cache better."""
+    contracted = "".join(c for c in x_dims if c in w_dims and c not in out)
+    rows = x_dims[: len(x_dims) - len(contracted)]
+    outs = "".join(c for c in w_dims if c not in contracted)
+    if not contracted or x_dims != rows + contracted or out != rows + outs or any(c in rows for c in w_dims):
+        return None
+    if w_dims == contracted + outs:
+        transposed = False
+    elif w_dims == outs + contracted:
+        transposed = True
+    else:
+        return None
+    m = math.prod(x.shape[: len(rows)])
+    if m > KERNEL_MAX_ROWS:
+        return None
+    n_shape = w.values.shape[len(contracted) :] if not transposed else w.values.shape[: len(outs)]
+    k, n = math.prod(x.shape[len(rows) :]), math.prod(n_shape)
+    values = w.values.reshape((n, k) if transposed else (k, n))
+    y = cpu_int8.int8_matmul(x.reshape(m, k), values, w.scales.reshape(n), transposed=transposed)
+    return y.reshape(*x.shape[: len(rows)], *n_shape).astype(out_dtype)
+
+
+def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for a plain weight. A per-channel QArray: the contraction with its values
     times the scales broadcast to the output (fp8 on GPU: a native fp8 matmul, the activations quantized
-    per token). A grouped one: dequantized inside the step, then contracted."""
+    per token; int8 with `cpu_kernel`, at decode sizes: cpu_kernels.int8_matmul). A grouped one:
+    dequantized inside the step, then contracted.
+
+    `cpu_kernel` says the caller runs on one CPU device with the kernel built (jaxinfer/kernels.py
+    decides it once per model): an FFI call cannot be partitioned by GSPMD, so over a mesh of several
+    devices the XLA path, which XLA shards, is kept."""
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kw)
     out_dtype = kw.pop("preferred_element_type", None) or x.dtype
@@ -253,6 +291,10 @@ def einsum(spec: str, x: jax.Array, w, **kw) -> jax.Array:
     if w.values.dtype == np.uint8 or any(s != 1 for c, s in zip(w_dims, w.scales.shape) if c not in out):
         # grouped: a scale covers part of an output channel's inputs, so it cannot scale the output
         return jnp.einsum(spec, x, dequantize(w, x.dtype), preferred_element_type=out_dtype, **kw)
+    if cpu_kernel and not kw and w.values.dtype == np.int8:
+        y = _cpu_kernel(x_dims, w_dims, out, x, w, out_dtype)
+        if y is not None:
+            return y
     scale = _broadcast_to_out(w.scales, w_dims, out)
     if w.values.dtype == FP8 and native_fp8():
         contracted = tuple(i for i, c in enumerate(x_dims) if c not in out)
