@@ -75,14 +75,22 @@ def _build() -> Path:
 
 
 @functools.cache
+def _registered() -> Path:
+    """The library, built if need be, its handlers registered with XLA. Once per process: XLA refuses a
+    second registration of a name at other addresses (a library rebuilt from an edited source)."""
+    lib = ctypes.CDLL(str(_build()))
+    for name in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return Path(lib._name)
+
+
+@functools.cache
 def load() -> str | None:
     """None when the kernels are built and registered with XLA; otherwise why not (logged once)."""
     if os.environ.get("JAXINFER_CPU_KERNELS", "1") == "0":
         return "JAXINFER_CPU_KERNELS=0"
     try:
-        lib = ctypes.CDLL(str(_build()))
-        for name in TARGETS.values():
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _registered()
     except subprocess.CalledProcessError as e:
         why = f"compiling {SOURCE.name} failed ({e.stderr.strip()[-500:]})"
     except Exception as e:  # noqa: BLE001 - any failure keeps the XLA path, with its reason

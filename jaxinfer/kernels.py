@@ -1,9 +1,11 @@
-"""Which implementation decode attention and the grouped expert matmul use, and why.
+"""Which implementation decode attention, the grouped expert matmul and int8 weights' contractions use,
+and why.
 
 Decided once per model, before any weight is read: "auto" takes the Pallas kernel on a GPU when it
 compiles and runs at the model's head and expert sizes, the XLA path elsewhere; an explicit "pallas"
 that cannot serve the model raises. Every choice carries its reason, which `LLM` logs and `explain` and
-`bench` print, so no fallback is silent.
+`bench` print, so no fallback is silent. The int8 matmul has no option: the CPU kernel wherever it
+applies and builds (JAXINFER_CPU_KERNELS=0 turns it off), XLA elsewhere.
 """
 
 from __future__ import annotations

@@ -9,10 +9,19 @@ A quantized weight is one pytree, `QArray(values, scales)`, symmetric round-to-n
   weight = values * scales, each scale repeated over its group.
 
 A per-channel scale belongs to one output channel, so it commutes with the contraction: `einsum`
-contracts the activations with the values (cast to the activations' dtype inside the fused op, or, on
-GPU for fp8, in a native fp8 matmul with the activations quantized per token) and scales the output;
-no full-precision copy of the weight is made. A grouped weight is dequantized inside the jitted step,
-one layer's weight at a time, before its contraction.
+contracts the activations with the values and scales the output. What runs where:
+- int8 on CPU, one device, at most KERNEL_MAX_ROWS activation rows (decode, short prompts), the
+  contraction mapping onto a 2-D matmul by reshapes (every dense weight of models/llama.py does, the
+  head and the tied embedding included): cpu_kernels/int8_matmul, one XLA FFI call that reads each
+  int8 byte once and widens it in registers. jaxinfer/kernels.int8_matmul decides once per model whether it applies (the
+  kernel built, the mesh one CPU device; GSPMD cannot partition an FFI call) and the model passes the
+  answer down as `cpu_kernel`. `JAXINFER_CPU_KERNELS=0` keeps the XLA path.
+- everywhere else (GPU, a multi-device mesh, long prompts, other specs): XLA's dot with the values cast to
+  the activations' dtype inside it (on CPU XLA writes that cast as a float copy of the weight first,
+  which made int8 decode slower than fp32 before the kernel), or on GPU for fp8 a native fp8 matmul
+  with the activations quantized per token.
+A grouped weight is dequantized inside the jitted step, one layer's weight at a time, before its
+contraction.
 
 A QArray is a registered dataclass, not a NamedTuple, so that code telling a list of per-layer arrays
 from one stacked array (models/llama.py) never mistakes it for a sequence.
@@ -243,7 +252,9 @@ def _broadcast_to_out(a, dims: str, out: str):
     return a.reshape([sizes.get(c, 1) for c in out])
 
 
-KERNEL_MAX_ROWS = 16  # activation rows up to which the CPU int8 kernel beats XLA (python -m cpu_kernels.int8_matmul)
+# Activation rows up to which the CPU int8 kernel beats XLA's convert-then-dot in the model: SmolLM2-135M
+# prefill on 2 cores took 281 ms with the kernel and 348 ms without at 128 tokens, 1327 and 848 ms at 512.
+KERNEL_MAX_ROWS = 128
 
 
 def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
@@ -252,7 +263,7 @@ def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
     x's contracted dimensions must trail it in the weight's order, the weight must be all contracted
     dimensions then all output ones (kn: wq [embed, heads, head_dim]) or the reverse (nk: the tied
     embedding [vocab, embed]), and the output must be x's other dimensions then the weight's outputs.
-    Large M (prefill) keeps XLA's dot, which is compute bound there and blocks for the cache better."""
+    Long prompts (M > KERNEL_MAX_ROWS) keep XLA's dot, compute bound there and blocked for the cache."""
     contracted = "".join(c for c in x_dims if c in w_dims and c not in out)
     rows = x_dims[: len(x_dims) - len(contracted)]
     outs = "".join(c for c in w_dims if c not in contracted)

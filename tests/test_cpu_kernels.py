@@ -152,6 +152,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
         for cxx, why in (("no-such-compiler-here", "no C++ compiler"), ("false", "compiling int8_matmul.cc failed")):
             monkeypatch.setenv("CXX", cxx)
             cpu_kernels.load.cache_clear()
+            cpu_kernels._registered.cache_clear()  # as in a fresh process
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="cpu_kernels"):
                 assert not cpu_kernels.available() and why in cpu_kernels.load()
@@ -162,6 +163,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
     finally:
         monkeypatch.delenv("CXX")
         cpu_kernels.load.cache_clear()
+        cpu_kernels._registered.cache_clear()
     assert not list(tmp_path.rglob("*.so"))  # a failed build leaves nothing behind
 
 
