@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -201,10 +202,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, const F& f) {
   work->run = [](const void* arg, int64_t c) { (*static_cast<const F*>(arg))(c); };
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
   work->drain();
-  while (work->done.load(std::memory_order_acquire) < chunks) {
+  // Spin briefly (a helper finishing its chunk is microseconds away), then yield: on a loaded machine
+  // the helper may be waiting for this very core.
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < chunks; ++spins) {
+    if (spins < 4096) {
 #if defined(__x86_64__)
-    __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
