@@ -121,7 +121,7 @@ def int8_matmul(quant: str, mesh: jax.sharding.Mesh) -> Choice | None:
     why = load()
     if why is not None:
         return Choice("xla", f"the kernel is unavailable: {why}")
-    return Choice("cpu", "one pass over the int8 weight at decode sizes (cpu_kernels/int8_matmul.cc)")
+    return Choice("cpu", "one pass over each int8 weight at decode and short-prompt sizes (cpu_kernels/int8_matmul)")
 
 
 def grouped_matmul(cfg: ModelConfig, dtype, requested: str) -> Choice:
