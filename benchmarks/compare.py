@@ -12,6 +12,12 @@ Q8_0 GGUF (int8 in blocks of 32 with an fp16 scale each, its head too), both qua
 dequantized weights; transformers has no 8-bit CPU path of the same kind and is left out. The roofline
 counts the bytes jaxinfer's parameters take (values and scales).
 
+What runs where for jaxinfer int8 on this one-device CPU mesh: every contraction with an int8 weight at
+up to models/quant.KERNEL_MAX_ROWS activation rows (all of decode, and this prefill of 32 tokens) is one
+call of the C++ kernel cpu_kernels/int8_matmul (the head included); the rest of the step (norms,
+rotary, attention over the cache, sampling) is XLA's. JAXINFER_CPU_KERNELS=0 gives XLA's int8 path
+(the weight converted to a float copy before each dot) for comparison.
+
     python benchmarks/compare.py --batch_sizes=1,16 --gen_len=64
     python benchmarks/compare.py --quant=int8 --batch_sizes=1 --gen_len=64
 """

@@ -1,9 +1,11 @@
-"""Which implementation decode attention and the grouped expert matmul use, and why.
+"""Which implementation decode attention, the grouped expert matmul and int8 weights' contractions use,
+and why.
 
 Decided once per model, before any weight is read: "auto" takes the Pallas kernel on a GPU when it
 compiles and runs at the model's head and expert sizes, the XLA path elsewhere; an explicit "pallas"
 that cannot serve the model raises. Every choice carries its reason, which `LLM` logs and `explain` and
-`bench` print, so no fallback is silent.
+`bench` print, so no fallback is silent. The int8 matmul has no option: the CPU kernel wherever it
+applies and builds (JAXINFER_CPU_KERNELS=0 turns it off), XLA elsewhere.
 """
 
 from __future__ import annotations
@@ -100,6 +102,26 @@ def attention(
             pa.paged_attention(q, pool, pool, ones, jnp.ones((1, 1), jnp.int32), 0).block_until_ready()
 
     return choose("attention", requested, probe, unsupported)
+
+
+def int8_matmul(quant: str, mesh: jax.sharding.Mesh) -> Choice | None:
+    """The per-channel int8 contraction (models/quant.einsum) of a model held in int8: the C++ kernel
+    (cpu_kernels/int8_matmul) on a one-device CPU mesh where it builds, XLA's convert-then-dot elsewhere.
+    None for a model not held in int8. Set JAXINFER_CPU_KERNELS=0 to keep the XLA path."""
+    if quant != "int8":
+        return None
+    platform = mesh.devices.flat[0].platform
+    if platform != "cpu":
+        return Choice("xla", f"the kernel is for CPU; this mesh is on {platform}")
+    if mesh.devices.size > 1:
+        # GSPMD cannot partition an FFI call; it would gather the weights onto every device.
+        return Choice("xla", f"the mesh has {mesh.devices.size} devices and the kernel runs on one")
+    from cpu_kernels import load
+
+    why = load()
+    if why is not None:
+        return Choice("xla", f"the kernel is unavailable: {why}")
+    return Choice("cpu", "one pass over each int8 weight at decode and short-prompt sizes (cpu_kernels/int8_matmul)")
 
 
 def grouped_matmul(cfg: ModelConfig, dtype, requested: str) -> Choice:

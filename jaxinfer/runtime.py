@@ -96,6 +96,7 @@ class Setup:
     moe: MoE | None = None  # how routed layers dispatch tokens to their experts
     attention: kernels.Choice | None = None  # paged decode attention: implementation and why
     moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
+    int8_matmul: kernels.Choice | None = None  # int8 weights' contractions (models held in int8)
     quant: str = "none"  # weights as held: "none", or a format of models/quant.py ("auto" resolved)
     kv_cache_dtype: str = "auto"  # KV-cache storage: "auto" = the activation dtype
 
@@ -111,6 +112,8 @@ class Setup:
             out["engine prefill-chunk attention"] = "xla, each sp rank over its own pages, partials merged across sp"
         if self.moe_kernel is not None:
             out["expert matmul"] = str(self.moe_kernel)
+        if self.int8_matmul is not None:
+            out["int8 matmul"] = str(self.int8_matmul)
         return out
 
     def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
@@ -127,6 +130,7 @@ class Setup:
                 pipeline=pipeline,
                 moe=self.moe,
                 quant_mode=self.quant,
+                cpu_int8=self.int8_matmul is not None and self.int8_matmul.impl == "cpu",
             )
         )
         return nnx.split(model)
@@ -338,6 +342,9 @@ def prepare(
         setup.moe_kernel = kernels.grouped_matmul(cfg, dt, moe_kernel)
         log.info("expert matmul: %s", setup.moe_kernel)
         setup.moe = MoE(device_mesh, tuple(sorted(rules.items())), moe_dispatch, setup.moe_kernel.impl)
+    setup.int8_matmul = kernels.int8_matmul(quant, device_mesh)
+    if setup.int8_matmul is not None:
+        log.info("int8 matmul: %s", setup.int8_matmul)
     setup.graphdef, abstract = setup.build()
     params = checkpoint.abstract_params(cfg, device_mesh, rules, dt, quant)  # in the checkpoint's own layout
     for path, var in nnx.to_flat_state(abstract):

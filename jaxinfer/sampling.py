@@ -156,7 +156,13 @@ def sample(logits, temperature, top_k, top_p, keys, positions, *, greedy_only: b
     import jax.numpy as jnp
 
     logp = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # jnp.argmax's first largest (or first NaN) as two plain reductions: XLA:CPU runs argmax's paired
+    # (value, index) reduction one element at a time, 0.25 ms of a 7 ms SmolLM2-135M int8 decode step.
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.where(
+        (logits == top) | jnp.isnan(logits), jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]
+    )
+    greedy = jnp.min(first, axis=-1)
     if greedy_only:
         tokens = greedy
     else:

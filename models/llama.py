@@ -275,15 +275,18 @@ def block(
     kv_len: int,
     kernel=None,
     moe=None,
+    cpu_int8: bool = False,
 ):
     """Decoder layer `layer` on its parameters `p`; writes this step's keys/values into the whole cache
     in place (a loop carry) and attends to that layer's first `kv_len` positions. A layer whose
-    parameters hold a router runs routed experts (`moe`, a models.moe.MoE) in place of the MLP."""
+    parameters hold a router runs routed experts (`moe`, a models.moe.MoE) in place of the MLP.
+    `cpu_int8`: int8 weights may take the CPU kernel (models/quant.einsum's `cpu_kernel`)."""
     eps = cfg.rms_norm_eps
+    mm = functools.partial(quant.einsum, cpu_kernel=cpu_int8)
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
-        q = quant.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
-        kv = quant.einsum("btd,dckh->btckh", h, p["wkv"])  # [B, T, D] -> [B, T, 2, K, H]
+        q = mm("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
+        kv = mm("btd,dckh->btckh", h, p["wkv"])  # [B, T, D] -> [B, T, 2, K, H]
         if cfg.qkv_bias:
             q, kv = q + p["bq"], kv + p["bkv"]
         k, v = kv[:, :, 0], kv[:, :, 1]
@@ -296,15 +299,15 @@ def block(
         o = cache.attend(layer, q, q_pos, kv_len, cfg.sliding_window, kernel)
         # As one [B, T, N*H] x [N*H, D] matmul: an einsum over (n, h) made XLA:CPU transpose wo each step.
         wo = quant.merge_leading(p["wo"], 2)
-        x = x + quant.einsum("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
+        x = x + mm("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
         if "router" in p:
             x = x + moe(p, h, cfg, seq_split=cache.splits_seq)
         else:
-            gate_up = quant.einsum("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
+            gate_up = mm("btd,dcf->btcf", h, p["w_gate_up"])  # [B, T, D] -> [B, T, 2, F]
             gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-            x = x + quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+            x = x + mm("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
 
 
@@ -322,7 +325,9 @@ def _take(x, start: int, stop: int):
     return x[start:stop] if isinstance(x, (list, tuple)) else jax.tree.map(lambda a: a[start:stop], x)
 
 
-def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None):
+def run_layers(
+    stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None, cpu_int8=False
+):
     """The layers in `stacked` (stacked arrays, or one array per layer), in order; `cache` holds just
     those layers. A model mixing dense and routed layers runs each run of one kind as its own loop
     (the MLP stacks hold only their kind's layers); a pipeline stage is always of one kind."""
@@ -338,16 +343,16 @@ def run_layers(stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, 
         mlp = ROUTED_MLP if kind else DENSE_MLP
         part = {k: _take(v, start, stop) for k, v in stacked.items() if k not in DENSE_MLP + ROUTED_MLP}
         part |= {k: _take(stacked[k], first, first + stop - start) for k in mlp}
-        x, cache = _loop(part, x, cache, positions, cos, sin, start, cfg, kv_repeat, kv_len, kernel, moe)
+        x, cache = _loop(part, x, cache, positions, cos, sin, start, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8)
         start = stop
     return x, cache
 
 
-def _loop(stacked, x, cache, positions, cos, sin, offset, cfg, kv_repeat, kv_len, kernel, moe):
+def _loop(stacked, x, cache, positions, cos, sin, offset, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8):
     def layer_step(carry, layer):
         x, cache = carry
         lp, i = layer
-        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel, moe), None
+        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8), None
 
     n = _length(stacked["wq"])
     if isinstance(stacked["wq"], (list, tuple)):
@@ -380,12 +385,14 @@ class Llama(nnx.Module):
         pipeline=None,
         moe=None,
         quant_mode: str = "none",
+        cpu_int8: bool = False,
     ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.attention_kernel = attention_kernel  # decode attention over pages; None: the XLA path
         self.pipeline = pipeline  # jaxinfer.pipeline.Pipeline over pp stages, or None
         self.moe = moe  # models.moe.MoE for the routed layers, or None
+        self.cpu_int8 = cpu_int8  # int8 contractions may call the CPU kernel (jaxinfer/kernels.int8_matmul)
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
 
@@ -412,6 +419,7 @@ class Llama(nnx.Module):
             kv_len=kv_len,
             kernel=self.attention_kernel,
             moe=self.moe,
+            cpu_int8=self.cpu_int8,
         )
         if self.pipeline is None:
             x, cache = run(stacked, x, cache, positions, cos, sin)
@@ -420,8 +428,9 @@ class Llama(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
         x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)
+        mm = functools.partial(quant.einsum, cpu_kernel=self.cpu_int8)
         if self.cfg.tie_word_embeddings:
-            logits = quant.einsum("btd,vd->btv", x, p["embed"], preferred_element_type=jnp.float32)
+            logits = mm("btd,vd->btv", x, p["embed"], preferred_element_type=jnp.float32)
         else:
-            logits = quant.einsum("btd,dv->btv", x, p["lm_head"], preferred_element_type=jnp.float32)
+            logits = mm("btd,dv->btv", x, p["lm_head"], preferred_element_type=jnp.float32)
         return logits, cache

@@ -9,10 +9,19 @@ A quantized weight is one pytree, `QArray(values, scales)`, symmetric round-to-n
   weight = values * scales, each scale repeated over its group.
 
 A per-channel scale belongs to one output channel, so it commutes with the contraction: `einsum`
-contracts the activations with the values (cast to the activations' dtype inside the fused op, or, on
-GPU for fp8, in a native fp8 matmul with the activations quantized per token) and scales the output;
-no full-precision copy of the weight is made. A grouped weight is dequantized inside the jitted step,
-one layer's weight at a time, before its contraction.
+contracts the activations with the values and scales the output. What runs where:
+- int8 on CPU, one device, at most KERNEL_MAX_ROWS activation rows (decode, short prompts), the
+  contraction mapping onto a 2-D matmul by reshapes (every dense weight of models/llama.py does, the
+  head and the tied embedding included): cpu_kernels/int8_matmul, one XLA FFI call that reads each
+  int8 byte once and widens it in registers. jaxinfer/kernels.int8_matmul decides once per model whether it applies (the
+  kernel built, the mesh one CPU device; GSPMD cannot partition an FFI call) and the model passes the
+  answer down as `cpu_kernel`. `JAXINFER_CPU_KERNELS=0` keeps the XLA path.
+- everywhere else (GPU, a multi-device mesh, long prompts, other specs): XLA's dot with the values cast to
+  the activations' dtype inside it (on CPU XLA writes that cast as a float copy of the weight first,
+  which made int8 decode slower than fp32 before the kernel), or on GPU for fp8 a native fp8 matmul
+  with the activations quantized per token.
+A grouped weight is dequantized inside the jitted step, one layer's weight at a time, before its
+contraction.
 
 A QArray is a registered dataclass, not a NamedTuple, so that code telling a list of per-layer arrays
 from one stacked array (models/llama.py) never mistakes it for a sequence.
@@ -28,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from cpu_kernels import int8_matmul as cpu_int8
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 GROUPS = (128, 64, 32, 16)  # int4 group sizes, the first that divides the input dimension
@@ -241,10 +252,48 @@ def _broadcast_to_out(a, dims: str, out: str):
     return a.reshape([sizes.get(c, 1) for c in out])
 
 
-def einsum(spec: str, x: jax.Array, w, **kw) -> jax.Array:
+# Activation rows up to which the CPU int8 kernel beats XLA's convert-then-dot in the model: SmolLM2-135M
+# prefill on 2 cores took 281 ms with the kernel and 348 ms without at 128 tokens, 1327 and 848 ms at 512.
+KERNEL_MAX_ROWS = 128
+
+
+def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
+    """The contraction as cpu_kernels.int8_matmul's 2-D [M, K] x [K, N] (or [N, K]) product, by reshapes
+    of contiguous dimensions only, or None where it does not map (then the caller takes the XLA path):
+    x's contracted dimensions must trail it in the weight's order, the weight must be all contracted
+    dimensions then all output ones (kn: wq [embed, heads, head_dim]) or the reverse (nk: the tied
+    embedding [vocab, embed]), and the output must be x's other dimensions then the weight's outputs.
+    Long prompts (M > KERNEL_MAX_ROWS) keep XLA's dot, compute bound there and blocked for the cache."""
+    contracted = "".join(c for c in x_dims if c in w_dims and c not in out)
+    rows = x_dims[: len(x_dims) - len(contracted)]
+    outs = "".join(c for c in w_dims if c not in contracted)
+    if not contracted or x_dims != rows + contracted or out != rows + outs or any(c in rows for c in w_dims):
+        return None
+    if w_dims == contracted + outs:
+        transposed = False
+    elif w_dims == outs + contracted:
+        transposed = True
+    else:
+        return None
+    m = math.prod(x.shape[: len(rows)])
+    if m > KERNEL_MAX_ROWS:
+        return None
+    n_shape = w.values.shape[len(contracted) :] if not transposed else w.values.shape[: len(outs)]
+    k, n = math.prod(x.shape[len(rows) :]), math.prod(n_shape)
+    values = w.values.reshape((n, k) if transposed else (k, n))
+    y = cpu_int8.int8_matmul(x.reshape(m, k), values, w.scales.reshape(n), transposed=transposed)
+    return y.reshape(*x.shape[: len(rows)], *n_shape).astype(out_dtype)
+
+
+def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for a plain weight. A per-channel QArray: the contraction with its values
     times the scales broadcast to the output (fp8 on GPU: a native fp8 matmul, the activations quantized
-    per token). A grouped one: dequantized inside the step, then contracted."""
+    per token; int8 with `cpu_kernel`, at decode sizes: cpu_kernels.int8_matmul). A grouped one:
+    dequantized inside the step, then contracted.
+
+    `cpu_kernel` says the caller runs on one CPU device with the kernel built (jaxinfer/kernels.py
+    decides it once per model): an FFI call cannot be partitioned by GSPMD, so over a mesh of several
+    devices the XLA path, which XLA shards, is kept."""
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kw)
     out_dtype = kw.pop("preferred_element_type", None) or x.dtype
@@ -253,6 +302,10 @@ def einsum(spec: str, x: jax.Array, w, **kw) -> jax.Array:
     if w.values.dtype == np.uint8 or any(s != 1 for c, s in zip(w_dims, w.scales.shape) if c not in out):
         # grouped: a scale covers part of an output channel's inputs, so it cannot scale the output
         return jnp.einsum(spec, x, dequantize(w, x.dtype), preferred_element_type=out_dtype, **kw)
+    if cpu_kernel and not kw and w.values.dtype == np.int8:
+        y = _cpu_kernel(x_dims, w_dims, out, x, w, out_dtype)
+        if y is not None:
+            return y
     scale = _broadcast_to_out(w.scales, w_dims, out)
     if w.values.dtype == FP8 and native_fp8():
         contracted = tuple(i for i, c in enumerate(x_dims) if c not in out)

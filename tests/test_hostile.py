@@ -136,6 +136,25 @@ def test_params_are_checked_against_the_vocabulary_before_anything_is_queued(llm
     assert_idle(llm)
 
 
+def test_greedy_picks_as_argmax_does_on_ties_infinities_and_nans():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 300)).astype(np.float32)
+    logits[0, [7, 40]] = 9  # a tie: the first
+    logits[1, [3, 250]] = np.inf
+    logits[2, [5, 99]] = np.nan  # argmax takes the first NaN
+    logits[3] = -np.inf
+    logits[4, 299] = 50  # the last
+    zeros = np.zeros(6, np.float32)
+    tokens, _ = jax.jit(sampling.sample, static_argnames=("greedy_only",))(
+        logits, zeros, zeros.astype(np.int32), zeros + 1, None, zeros.astype(np.int32), greedy_only=True
+    )
+    assert (
+        np.asarray(tokens).tolist()
+        == np.argmax(logits, axis=-1).tolist()
+        == [7, 3, 5, 0, 299, int(np.argmax(logits[5]))]
+    )
+
+
 def test_seeds_of_any_size_are_distinct_and_unseeded_ones_are_drawn_once(llm, monkeypatch):
     for s in (0, 5, 2**32 - 1):
         assert np.array_equal(sampling.seed_key(s), np.asarray(jax.random.key_data(jax.random.key(s))))

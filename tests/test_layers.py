@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("jaxinfer", "models", "pallas_kernels")
+PACKAGES = ("jaxinfer", "models", "pallas_kernels", "cpu_kernels")
 
 # Lower number = lower layer. A module may import its own layer or lower ones.
 LAYERS = {
     "jaxinfer.errors": 0,
     "pallas_kernels.*": 0,  # kernels import nothing of ours
+    "cpu_kernels": 0,
+    "cpu_kernels.*": 0,
     "jaxinfer.config": 1,
     "jaxinfer.sampling": 1,
     "jaxinfer.compile_cache": 1,
@@ -121,7 +123,7 @@ def test_no_import_cycles():
 
 def test_importing_a_kernel_or_the_package_loads_no_runtime():
     code = (
-        "import sys, jaxinfer, pallas_kernels.paged_attention, pallas_kernels.moe; "
+        "import sys, jaxinfer, pallas_kernels.paged_attention, pallas_kernels.moe, cpu_kernels.int8_matmul; "
         "print(sorted(m for m in sys.modules if m.startswith(('jaxinfer.', 'flax'))))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
