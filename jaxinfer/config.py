@@ -485,22 +485,6 @@ SHAPES = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128009),
     ),
-    "llama3.1-8b": ModelConfig(  # Llama-3-8B's shapes with Llama 3.1's 128k context (rope scaled)
-        "llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-        max_position_embeddings=131072,
-        bos_token_id=128000,
-        eos_token_ids=(128001, 128008, 128009),
-    ),
     "llama3-70b": ModelConfig(
         "llama",
         vocab_size=128256,
@@ -589,3 +573,10 @@ SHAPES = {
         moe_layers=tuple(range(48)),
     ),
 }
+# Llama-3.1-8B: Llama-3-8B's shapes with the 128k context of Llama 3.1 (its rope scaled), for long prompts.
+SHAPES["llama3.1-8b"] = dataclasses.replace(
+    SHAPES["llama3-8b"],
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    max_position_embeddings=131072,
+    eos_token_ids=(128001, 128008, 128009),
+)
