@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 import tomllib
 from pathlib import Path
@@ -50,7 +49,7 @@ import numpy as np
 from jaxinfer import config as config_lib
 from jaxinfer import explain, hlo, pipeline
 from jaxinfer.errors import JaxinferError
-from jaxinfer.hlo import group_axes, replica_groups
+from jaxinfer.hlo import group_axes
 
 log = logging.getLogger(__name__)
 HARDWARE = Path(__file__).with_name("hardware.toml")
@@ -311,7 +310,6 @@ class Program:
 
 # Compiled programs by (model, tp, ep, pp, sp, dtype, prefill chunk): a process that plans twice compiles once.
 _PROGRAMS: dict[tuple, Program] = {}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 
 def read_collectives(compiled, mesh, num_layers: int, dtype, tokens: int) -> list[Coll]:
@@ -321,28 +319,23 @@ def read_collectives(compiled, mesh, num_layers: int, dtype, tokens: int) -> lis
     itemsize = np.dtype(dtype).itemsize
     bodies = {name for name, n in hlo.loop_trip_counts(text).items() if n == num_layers}
     in_layers = hlo.reachable(text, bodies)
-    out, computation = [], ""
-    for line in text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            computation = m.group(1)
-            continue
-        for c in hlo.collectives(line):
-            size = c.bytes * itemsize // 4 if c.promoted else c.bytes
-            groups = replica_groups(line)
-            if not groups or groups == [[]]:  # none given (or a form not read): one group of every device
-                groups = [list(range(mesh.size))]
-            inside = computation in in_layers
-            out.append(
-                Coll(
-                    c.kind,
-                    size / tokens,
-                    inside,
-                    1 / max(1, len(bodies)) if inside else 1.0,
-                    group_axes(groups, mesh),
-                    max((len(g) for g in groups), default=1) if groups else 1,
-                )
+    out = []
+    for c in hlo.collectives(text):
+        size = c.bytes * itemsize // 4 if c.promoted else c.bytes
+        groups = [list(g) for g in c.groups if g]
+        if not groups:  # none given (or a form not read): one group of every device
+            groups = [list(range(mesh.size))]
+        inside = c.computation in in_layers
+        out.append(
+            Coll(
+                c.kind,
+                size / tokens,
+                inside,
+                1 / max(1, len(bodies)) if inside else 1.0,
+                group_axes(groups, mesh),
+                max(len(g) for g in groups),
             )
+        )
     return out
 
 

@@ -11,7 +11,7 @@ import tomllib
 import pytest
 
 from jaxinfer import config as config_lib
-from jaxinfer import explain, plan
+from jaxinfer import explain, hlo, plan
 from jaxinfer.errors import JaxinferError
 from jaxinfer.runtime import prepare
 
@@ -98,10 +98,10 @@ def test_collectives_are_read_with_the_mesh_axes_they_cross():
     permutes = [c for c in prog.decode if c.kind == "collective-permute"]
     assert permutes and all(c.axes == frozenset({"pp"}) for c in permutes)
     line = "x = f32[1] all-reduce(y), replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0'}, to_apply=a"
-    assert plan.replica_groups(line) == [[0, 3], [1, 4], [2, 5]]
+    assert hlo.replica_groups(line) == [[0, 3], [1, 4], [2, 5]]
     line = "x = f32[1] all-reduce(y), replica_groups=mesh['a'=4,'b'=1,'c'=2], device_ids=([2,4]T(1,0)) {'a'}, x"
-    assert plan.replica_groups(line) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert plan.replica_groups("x = f32[2] all-reduce(y), replica_groups=[2,4]<=[4,2]T(1,0), to_apply=a") == [
+    assert hlo.replica_groups(line) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert hlo.replica_groups("x = f32[2] all-reduce(y), replica_groups=[2,4]<=[4,2]T(1,0), to_apply=a") == [
         [0, 2, 4, 6],
         [1, 3, 5, 7],
     ]
