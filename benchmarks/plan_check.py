@@ -3,10 +3,13 @@
     python benchmarks/plan_check.py                 # predictions vs measurements, the table
     python benchmarks/plan_check.py --calibrate     # first measure and write jaxinfer/calibration/cpu.json
 
-The calibration (--calibrate) is measured on tp=1 only: `bench` at batch 1 and 4 with the layers
-unrolled (as pp = 1 runs) fits the bandwidth and FLOP/s fractions and the per-step overhead; the same
+The calibration (--calibrate) is measured on tp=1 only, and on micro-benchmarks: the per-step overhead
+is `bench` of the model's own layers at tiny widths (where no weight or FLOP counts); `bench` at batch 1
+and 4 with the layers unrolled (as pp = 1 runs) then fits the bandwidth and FLOP/s fractions; the same
 bench with the layers in lax.scan (as pipeline stages run them) fits how many times a scanned weight
-crosses memory; a loop of psums over 3 simulated devices gives a collective's latency. Every other
+crosses memory; a loop of psums over 3 simulated devices gives a collective's latency, and a loop of one
+layer's matrix-vector product on more devices than cores, with and without a psum after each, how much
+devices meeting inside every layer slow down (lockstep_slowdown). Every other
 mesh below (tp 3, pp 2/3/5, tp3 x pp2) is then predicted without having been seen: the table reports
 the error of each and whether the predicted ranking by TPOT equals the measured one (target: 25%).
 Each bench runs in its own process (as `jaxinfer bench` would), one after another.
@@ -24,24 +27,38 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MESHES = [dict(tp=1), dict(tp=3), dict(pp=2), dict(pp=3), dict(pp=5), dict(tp=3, pp=2)]
 MODEL = "smollm2-135m"
 
 
-def bench_one(axes: dict, batches: list[int], prompt_len: int, gen_len: int, unroll: bool | None, repeat: int = 1):
+def bench_one(
+    axes: dict, batches: list[int], prompt_len: int, gen_len: int, unroll: bool | None, repeat: int = 1, tiny=False
+):
     """`bench` of one mesh in a fresh process with just the devices it needs; with `repeat`, the
-    smallest median TPOT of that many runs (other work on a shared machine only ever slows a run)."""
+    smallest median TPOT of that many runs (other work on a shared machine only ever slows a run). With
+    `tiny`, the model's own layers (as many, the same code) at widths where no weight or FLOP counts."""
     if repeat > 1:
-        runs = [bench_one(axes, batches, prompt_len, gen_len, unroll) for _ in range(repeat)]
+        runs = [bench_one(axes, batches, prompt_len, gen_len, unroll, tiny=tiny) for _ in range(repeat)]
         best = runs[0]
         for i, row in enumerate(best["rows"]):
             row["tpot_median_s"] = min(r["rows"][i]["tpot_median_s"] for r in runs)
         return best
+    # tiny: head_dim 8, 8 hidden units per head, a 512-token vocabulary (kilobytes of weights)
+    model = (
+        "dataclasses.replace(c, head_dim=8, hidden_size=8 * c.num_heads, intermediate_size=16 * c.num_heads, "
+        "vocab_size=512)"
+        if tiny
+        else repr(MODEL)
+    )
     code = (
-        "import json, sys; from jaxinfer import bench; from jaxinfer.llm import LLM; "
-        f"llm = LLM({MODEL!r}, **{axes!r}, max_seq_len=256, max_num_seqs={max(batches)}, unroll_layers={unroll!r}); "
+        "import dataclasses, json, sys; from jaxinfer import bench, plan; from jaxinfer.llm import LLM; "
+        f"c = plan.model_config({MODEL!r}); "
+        f"llm = LLM({model}, **{axes!r}, max_seq_len=256, max_num_seqs={max(batches)}, unroll_layers={unroll!r}, "
+        f"random_weights={tiny!r}); "
         f"print(json.dumps(bench.run(llm, {batches!r}, {prompt_len}, {gen_len})))"
     )
     env = dict(os.environ, JAXINFER_COMPILATION_CACHE="")
@@ -74,6 +91,39 @@ print(best / {reps})
     return float(r.stdout.strip())
 
 
+def lockstep_slowdown(n: int, reps: int = 100) -> float:
+    """How much longer n simulated devices (more than the cores) take to run a loop of one layer's
+    matrix-vector product each when they meet at a psum after every one, than the same loop run free of
+    one another: at each psum every device waits for the others' turns on the cores."""
+    code = f"""
+import time, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+jax.config.update("jax_num_cpu_devices", {n})
+mesh = Mesh(np.array(jax.devices()[:{n}]), ("tp",))
+w = jax.device_put(jnp.ones(({n} * 576, 1536), jnp.float32) * 1e-3, NamedSharding(mesh, P("tp")))
+def loop(sync):
+    def body(w):
+        def step(i, x):
+            y = jnp.tanh(x @ w)[:, :576]  # [1, 576] @ [576, 1536]: one MLP matrix of a small layer
+            return jax.lax.psum(y, "tp") * 0.3 if sync else y
+        return jax.lax.fori_loop(0, {reps}, step, jnp.ones((1, 576)))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp"), out_specs=P(), check_vma=False))
+runs = {{sync: loop(sync) for sync in (True, False)}}
+best = {{}}
+for f in runs.values():
+    f(w).block_until_ready()
+for _ in range(7):
+    for sync, f in runs.items():
+        t = time.perf_counter(); f(w).block_until_ready(); t = time.perf_counter() - t
+        best[sync] = min(best.get(sync, 1e9), t)
+print(best[True] / best[False])
+"""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    return float(r.stdout.strip())
+
+
 def _request(prompt_len: int, gen_len: int):
     from jaxinfer import plan
 
@@ -87,27 +137,34 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
     hw = plan.load_hardware("cpu", num_devices=8)
     unrolled = bench_one(dict(tp=1), batches, prompt_len, gen_len, None, repeat)
     scanned = bench_one(dict(tp=1), batches, prompt_len, gen_len, False, repeat)
+    tiny = bench_one(dict(tp=1), batches, prompt_len, gen_len, None, repeat, tiny=True)
+    overhead = float(np.mean([x["tpot_median_s"] for x in tiny["rows"]]))
     latency = collective_latency()
-    base = plan.Calibration(collective_latency_s=latency)
-    cal = plan.fit(unrolled, req, hw, "float32", "tp=1 bench", base)
+    lockstep = lockstep_slowdown((os.cpu_count() or 1) + 1)
+    base = plan.Calibration(collective_latency_s=latency, lockstep_slowdown=lockstep)
+    cal = plan.fit(unrolled, req, hw, "float32", "tp=1 bench", base, overhead=overhead)
     passes = plan.fit_scan_passes(scanned, req, hw, "float32", cal, "tp=1 scanned bench")
-    rows = lambda r: ", ".join(f"batch {x['batch']} {x['tpot_median_s'] * 1e3:.1f} ms" for x in r["rows"])  # noqa: E731
+    rows = lambda r, d=1: ", ".join(f"batch {x['batch']} {x['tpot_median_s'] * 1e3:.{d}f} ms" for x in r["rows"])  # noqa: E731
     out = {
         "bandwidth_fraction": round(cal.bandwidth_fraction, 4),
         "flops_fraction": round(cal.flops_fraction, 4),
         "step_overhead_s": round(cal.step_overhead_s, 6),
         "collective_latency_s": round(latency, 7),
         "scan_weight_passes": round(passes, 3),
+        "lockstep_slowdown": round(lockstep, 3),
         "peak_gb_s": round(hw.bandwidth / 1e9, 2),
         "peak_tflops": round(hw.bf16_flops / 1e12, 5),
         "measured": (
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax float32, "
             f"{datetime.date.today()}: benchmarks/plan_check.py --calibrate --repeat={repeat}. {MODEL} at tp=1, "
-            f"prompt {prompt_len}, "
-            f"{gen_len} new tokens: unrolled layers {rows(unrolled)} (fits the fractions and overhead); layers in "
-            f"lax.scan {rows(scanned)} (fits scan_weight_passes); a psum of 576 floats over 3 simulated devices "
-            f"{latency * 1e6:.0f} us. The fractions are of the peaks measured then (bench.peak_bandwidth and a "
-            "float32 matmul), kept here as peak_gb_s and peak_tflops."
+            f"prompt {prompt_len}, {gen_len} new tokens: the same {plan.model_config(MODEL).num_layers} layers at "
+            f"tiny widths (head_dim 8, vocabulary 512) {rows(tiny, 2)} (their mean is step_overhead_s); unrolled "
+            f"layers {rows(unrolled)} (fits the fractions); layers in lax.scan {rows(scanned)} (fits "
+            f"scan_weight_passes); a psum of 576 floats over 3 simulated devices {latency * 1e6:.0f} us; "
+            f"{(os.cpu_count() or 1) + 1} simulated devices running one layer's matrix-vector product each, with a "
+            f"psum after every one, {lockstep:.2f}x as long as without (lockstep_slowdown). The fractions are of "
+            "the peaks measured then (bench.peak_bandwidth and a float32 matmul), kept here as peak_gb_s and "
+            "peak_tflops."
         ),
     }
     path = plan.CALIBRATION_DIR / "cpu.json"
@@ -179,8 +236,9 @@ def main() -> None:
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {MODEL} float32, prompt "
         f"{args.prompt_len}, {args.gen_len} new tokens; peaks (calibration's) {hw.bandwidth / 1e9:.1f} GB/s, "
         f"{hw.bf16_flops / 1e9:.1f} GFLOP/s; calibration: bandwidth x{cal.bandwidth_fraction:.2f}, "
-        f"FLOP/s x{cal.flops_fraction:.2f}, overhead {cal.step_overhead_s * 1e3:.2f} ms, collective "
-        f"{(cal.collective_latency_s or 0) * 1e6:.0f} us, scanned weights x{cal.scan_weight_passes:.2f} (fitted on tp1)"
+        f"FLOP/s x{cal.flops_fraction:.2f}, scanned weights x{cal.scan_weight_passes:.2f} (fitted on tp1); overhead "
+        f"{cal.step_overhead_s * 1e3:.2f} ms, collective {(cal.collective_latency_s or 0) * 1e6:.0f} us, lockstep "
+        f"x{cal.lockstep_slowdown:.2f} (measured)"
     )
     print("| mesh | batch | predicted TPOT ms | measured TPOT ms | error | within 25% |")
     print("|---|---:|---:|---:|---:|---|")
