@@ -178,6 +178,13 @@ def merge_partials(out, m, total, dtype):
     return (num / jnp.sum(total * weight, axis=0)[..., None]).astype(dtype)
 
 
+def update_and_attend(cache, layer, k, v, q, q_pos, kv_len: int, sliding_window, kernel=None):
+    """A decoder layer's use of its cache: write this step's k/v, then attend q to the layer -> (output,
+    the cache). A ring prefill's cache does both at once (models/ring_attention.SeqKV)."""
+    cache = cache.update(layer, k, v, q_pos)
+    return cache.attend(layer, q, q_pos, kv_len, sliding_window, kernel), cache
+
+
 class KVCache(NamedTuple):
     """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim] (or a QuantKV with
     scales [layers, batch, cache_heads, cache_seq, 1]): each head's keys are contiguous, so attention
@@ -186,7 +193,9 @@ class KVCache(NamedTuple):
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
     splits_seq = False  # the layers' tokens are not split over sp (models/ring_attention.SeqKV's are)
+    ring_prefill = False
     sp_dim = None  # no dimension of k/v lies split over sp
+    update_and_attend = update_and_attend
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
@@ -235,6 +244,8 @@ class PagedKVCache(NamedTuple):
     valid: jax.Array
     split: object = None
     splits_seq = False  # its pages may be split over sp, the layers' tokens are not
+    ring_prefill = False
+    update_and_attend = update_and_attend
 
     @property
     def sp_dim(self) -> int | None:
