@@ -38,13 +38,16 @@ def test_tile_length_follows_the_budget():
 
     q = jnp.ones((1, 100, 4, 8))
     pos = jnp.broadcast_to(jnp.arange(100), (1, 100))
-    out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)  # 1 GiB: no tiles
+    out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)  # 256 MiB: no tiles
     assert seen == [100] and out.shape == q.shape
-    old = kv_cache.SCORE_TILE_BYTES
+    old = kv_cache.SCORE_TILE_BYTES, kv_cache.QUERY_TILE_ROWS
     try:
         kv_cache.SCORE_TILE_BYTES = 16 * 4 * 64 * 4  # 16 rows of 4 heads x 64 keys
         out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)
+        assert seen[-1] == 16 and out.shape == q.shape
+        kv_cache.QUERY_TILE_ROWS = 8  # past the budget, tiles take at most this many rows
+        out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)
+        assert seen[-1] == 8 and out.shape == q.shape
     finally:
-        kv_cache.SCORE_TILE_BYTES = old
-    assert seen[-1] == 16 and out.shape == q.shape
+        kv_cache.SCORE_TILE_BYTES, kv_cache.QUERY_TILE_ROWS = old
     np.testing.assert_array_equal(np.asarray(out), 2 * np.ones(q.shape))
