@@ -11,17 +11,17 @@ the sp steps attends the local queries to the K/V block it holds while `ppermute
 sum in float32). Inside a pipeline stage, manual over pp and sp already (jaxinfer/pipeline.py), the
 same per-rank code runs in a shard_map over the remaining axes only (`sharding.shard_map`).
 
-The static path keeps its contiguous cache unsplit: `SeqKV` stands in for the cache while the layers
-run (each layer's K/V stays split on `seq`, no collective inside the layers), and `SeqKV.write`
-scatters all layers into the ordinary contiguous cache once after prefill (that is the one all-gather
-of K/V), so decode runs on the full cache as before.
+Every rank sees every token's K/V once as the ring passes the blocks round, so the cache is written
+there, inside each layer, with no collective beyond the ring's own (`SeqKV`, the ring's sink): the
+static path keeps its contiguous cache unsplit and each rank writes every block into its copy, so
+decode runs on the full cache as before; no layer's K/V is held past its layer.
 
 The serving engine's page pool is split over sp (`Ring.paged_update`, `Ring.paged_attend`): rank r
 holds a contiguous range of page ids, a sequence's pages are dealt round robin over the ranks (block i
 on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
 partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
 layer. A prompt's first chunk (nothing cached before it) runs as a static prefill does, zigzag and
-ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers. A later chunk
+ring, each rank keeping the tokens of its own pages from the blocks the ring brings. A later chunk
 (or a prompt's first new chunk after a cached prefix: the cached part is only read) splits its new
 tokens over sp too, contiguous (`Ring.split_chunk`, models/kv_cache.SeqPagedKVCache): outside
 attention each rank holds T/sp of them; per layer the chunk's new K/V is gathered over sp and written
