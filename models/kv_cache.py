@@ -93,24 +93,27 @@ def _scores(q, k):
 
 
 # Once an attention call's float32 scores would pass SCORE_TILE_BYTES, its queries go through in tiles of
-# QUERY_TILE_ROWS rows (fewer if even those pass it; a row's softmax is whole in its tile, so results do
-# not change), as FlashAttention's fixed query blocks: the scores held at once grow with the keys, not
-# with the prompt's square, so prefill memory stays linear in the tokens a device holds (T, or T/sp on
-# the ring). 128 rows of Llama-3-8B's 32 heads against 16k keys are 256 MiB.
-SCORE_TILE_BYTES = 1 << 28
+# QUERY_TILE_ROWS rows (a row's softmax is whole in its tile, so results do not change), as
+# FlashAttention's fixed query blocks: the scores held at once grow with the keys, not with the prompt's
+# square, so prefill memory stays linear in the tokens a device holds (T, or T/sp in each ring step).
+# XLA:CPU holds about five buffers of a call's scores (scores, mask, exp, ...), so tiling starts early:
+# 16 MiB is Llama-3-8B's 32 heads at 360 tokens. 128 rows against 16k keys are 256 MiB; past
+# MAX_TILE_BYTES (128 rows against 64k keys) a tile takes fewer rows.
+SCORE_TILE_BYTES = 1 << 24
 QUERY_TILE_ROWS = 128
+MAX_TILE_BYTES = 1 << 30
 
 
 def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
     """`fn(q, q_pos)` for queries q (their T on `axis`, head_dim last) at positions q_pos [B, T] against
     `keys` keys, computed a tile of query rows at a time (`lax.map`) when all their float32 scores would
     pass SCORE_TILE_BYTES: QUERY_TILE_ROWS rows, or fewer (a multiple of 8, at least 8) where those rows'
-    scores would pass it too. Every output of fn has its T on `axis` too."""
+    scores would pass MAX_TILE_BYTES. Every output of fn has its T on `axis` too."""
     t, hd = q.shape[axis], q.shape[-1]
     row_bytes = q.size // (t * hd) * keys * 4  # one query position's scores over every head and row
     if t * row_bytes <= SCORE_TILE_BYTES:
         return fn(q, q_pos)
-    tile = max(min(QUERY_TILE_ROWS, SCORE_TILE_BYTES // row_bytes // 8 * 8), 8)
+    tile = max(min(QUERY_TILE_ROWS, MAX_TILE_BYTES // row_bytes // 8 * 8), 8)
     if tile >= t:
         return fn(q, q_pos)
     n = -(-t // tile)
