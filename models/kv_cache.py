@@ -106,7 +106,7 @@ MAX_TILE_BYTES = 1 << 30
 
 def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
     """`fn(q, q_pos)` for queries q (their T on `axis`, head_dim last) at positions q_pos [B, T] against
-    `keys` keys, computed a tile of query rows at a time (`lax.map`) when all their float32 scores would
+    `keys` keys, computed a tile of query rows at a time (a loop) when all their float32 scores would
     pass SCORE_TILE_BYTES: QUERY_TILE_ROWS rows, or fewer (a multiple of 8, at least 8) where those rows'
     scores would pass MAX_TILE_BYTES. Every output of fn has its T on `axis` too."""
     t, hd = q.shape[axis], q.shape[-1]
@@ -122,7 +122,19 @@ def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
     q_pos = jnp.pad(q_pos, [(0, 0), (0, pad)], mode="edge")
     tiles = jnp.moveaxis(q.reshape(q.shape[:axis] + (n, tile) + q.shape[axis + 1 :]), axis, 0)
     pos_tiles = jnp.moveaxis(q_pos.reshape(q_pos.shape[0], n, tile), 1, 0)
-    outs = jax.lax.map(lambda a: fn(*a), (tiles, pos_tiles))
+    # The loop's output buffers start from a zero made from the queries (x * 0 is not folded for floats),
+    # so they are made once the queries are: from a constant, XLA:CPU makes every layer's at the start
+    # of an unrolled program and holds them all (SmolLM2's 30 layers at 4k tokens on sp=4: 270 MiB).
+    # Every element is written by some tile, so the start value is never read.
+    zero = tiles.reshape(-1)[0] * 0
+    shapes = jax.eval_shape(fn, tiles[0], pos_tiles[0])
+    outs = jax.tree.map(lambda s: jnp.broadcast_to(zero.astype(s.dtype), (n, *s.shape)), shapes)
+
+    def tile_step(i, outs):
+        got = fn(tiles[i], pos_tiles[i])
+        return jax.tree.map(lambda o, g: jax.lax.dynamic_update_index_in_dim(o, g, i, 0), outs, got)
+
+    outs = jax.lax.fori_loop(0, n, tile_step, outs)
 
     def join(o):  # [n, ..., tile, ...] -> [..., T, ...]
         o = jnp.moveaxis(o, 0, axis)
