@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -30,7 +31,7 @@ import numpy as np
 from jaxinfer import distributed, lockstep
 from jaxinfer.errors import JaxinferError
 from jaxinfer.executor import Executor, default_num_pages, pool_bytes
-from jaxinfer.outputs import Row, Stops, StreamText
+from jaxinfer.outputs import Row, Stops, StreamText, drain
 from jaxinfer.sampling import SamplingParams, seed_key
 from jaxinfer.scheduler import PageAllocator, Request, Scheduler, SchedulerOutput
 
@@ -358,20 +359,9 @@ class AsyncLLM:
         feed = req.feed
         if not isinstance(feed, _Feed):
             raise JaxinferError(f"request {req.id} was not submitted through AsyncLLM.submit")
-        finished = False
-        try:
-            while True:
-                item = await feed.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
+        async with contextlib.aclosing(drain(feed.queue, lambda: self._abandon(req))) as items:
+            async for item in items:
                 yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._abandon(req)
 
     async def generate(self, prompt, params: SamplingParams | None = None, chat: bool = False):
         """Async iterator of StreamChunks for one prompt."""

@@ -31,8 +31,8 @@ class LLM:
     mesh when jax has not started yet; otherwise set XLA_FLAGS=--xla_force_host_platform_device_count=N
     (or `jax.config.update("jax_num_cpu_devices", N)`) before using jax.
     sp: sequence parallelism. On `generate_static` and `score` the prompt is split over sp devices in
-    zigzag order with ring attention between them (models/ring_attention.py); the K/V is gathered into an
-    unsplit cache after prefill, so decode runs as at sp=1. In the serving engine the page pool is split
+    zigzag order with ring attention between them (models/ring_attention.py); each device writes every
+    K/V block the ring brings into its unsplit cache, so decode runs as at sp=1. In the serving engine the page pool is split
     over sp (num_pages a multiple of sp; each device holds 1/sp of the pages, a sequence's pages dealt
     round robin); prefill chunks and decode attend on each device over its own pages and merge the
     partials across sp (one small all-gather per layer), and a prompt's first chunk runs split over sp

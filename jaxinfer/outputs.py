@@ -1,10 +1,13 @@
 """What a request produces and how it ends: Completion and StreamChunk (public), the per-request
-bookkeeping the static path and the engine share (Row, Stops) and the settled text a stream sends."""
+bookkeeping the static path and the engine share (Row, Stops), the settled text a stream sends and
+how a consumer reads a stream's queue (`drain`)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
@@ -150,3 +153,23 @@ class StreamText:
         ids = row.ids[self.ids :]
         self.ids, self.text = self.ids + len(ids), self.text + new
         return StreamChunk(new, ids, row.finish if done else None)
+
+
+async def drain(queue: asyncio.Queue, abandon: Callable[[], None]) -> AsyncIterator:
+    """The items of one request's `queue` up to the one with a finish_reason (yielded, then the end);
+    an exception found in the queue is raised instead. A consumer that leaves before the end (its task
+    cancelled, the iterator closed) calls `abandon`, which must cancel the request where it runs."""
+    finished = False
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finish_reason is not None
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abandon()

@@ -7,10 +7,10 @@ only boundary activations cross stages. With M micro-batches and P stages the sc
 which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
 
 With sequence parallelism (sp > 1) the stage's shard_map is manual over `pp` and `sp`: a ring prefill's
-activations come in split on their seq dimension (and its K/V, `SeqKV`, alike), the engine's page pool
-split on pages, and the layers run the ring's and the split pool's per-rank code, their own shard_maps
+activations come in split on their seq dimension (its `SeqKV` writes each layer's K/V into the cache
+as the ring passes it round), the engine's page pool split on pages, and the layers run the ring's and the split pool's per-rank code, their own shard_maps
 leaving the axes already manual out (`sharding.shard_map`). In a ring prefill an idle tick still runs
-its layers, and its K/V is dropped, instead of skipping them under `lax.cond`: XLA:CPU rendezvouses a
+its layers, its cache writes dropped (`SeqKV.writing_if`), instead of skipping them under `lax.cond`: XLA:CPU rendezvouses a
 collective-permute with every device of the program, not just its source-target pairs, so the ring's
 permutes over sp inside a cond that only some stages take wait for devices that never come (it aborts
 or segfaults). Its all-gathers and all-reduces meet per replica group, so the split pool's all-gather
@@ -20,7 +20,6 @@ and tp's all-reduces stay inside the cond.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +52,9 @@ class Pipeline:
         mb = batch // m
         sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
         split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages
-        # A ring prefill's K/V lies split on seq (its attention permutes over sp); a later chunk's tokens
-        # split on seq too attend to the pool with an all-gather and an all-to-all, which keep to cond.
-        ring = bool(sp) and cache.splits_seq and split == 2
+        # A ring prefill's attention permutes over sp; a later chunk's tokens split on seq too attend to
+        # the pool with an all-gather and an all-to-all, which keep to cond.
+        ring = bool(sp) and cache.ring_prefill
 
         def staged(stacked, x, cache, positions, cos, sin):
             stage = jax.lax.axis_index("pp")
@@ -73,9 +72,9 @@ class Pipeline:
                     )
                     return y, cache.put_rows(view, start)
 
-                if ring:  # a ring prefill: every tick works, an idle one's K/V is dropped
-                    y, new = work(inp, cache)  # (an idle tick's y goes nowhere: the next stage is idle then too)
-                    cache = jax.tree.map(functools.partial(jnp.where, active), new, cache)
+                if ring:  # a ring prefill: every tick works, an idle one writes nothing to the cache
+                    y, new = work(inp, cache.writing_if(active))  # (an idle tick's y goes nowhere)
+                    cache = new.writing_if(cache.active)
                 else:
                     y, cache = jax.lax.cond(active, work, lambda inp, cache: (inp, cache), inp, cache)
                 last = (stage == stages - 1) & active
@@ -98,9 +97,12 @@ class Pipeline:
 
 def _cache_specs(cache, layers: P, tokens: P):
     """Specs of a cache's fields: its k and v (each stacked over layers) by `layers`, a paged cache's
-    `valid` [B, T] like the tokens, the rest (block tables) replicated."""
+    `valid` and a ring prefill's `index` ([B, T] arrays) like the tokens, the rest (block tables, the
+    ring prefill's `active`) replicated."""
     specs = jax.tree.map(lambda _: P(), cache)
-    kv = {f: jax.tree.map(lambda _: layers, getattr(cache, f)) for f in ("k", "v")}
-    if dataclasses.is_dataclass(cache):
-        return dataclasses.replace(specs, **kv)
-    return specs._replace(**kv, **({"valid": tokens} if "valid" in cache._fields else {}))
+    fields = {f: jax.tree.map(lambda _: layers, getattr(cache, f)) for f in ("k", "v")}
+    dataclass = dataclasses.is_dataclass(cache)
+    names = [f.name for f in dataclasses.fields(cache)] if dataclass else cache._fields
+    for f in {"valid", "index"} & set(names):
+        fields[f] = jax.tree.map(lambda _: tokens, getattr(cache, f))
+    return dataclasses.replace(specs, **fields) if dataclass else specs._replace(**fields)

@@ -24,18 +24,18 @@ def forward(graphdef, state, tokens, positions, cache, *, kv_len=0, logit_index=
 
 def forward_seq(graphdef, state, tokens, positions, cache: KVCache, ring: Ring, *, logit_index=None, write=True):
     """`forward` of a whole prompt with its tokens split over the `sp` mesh axis (models/ring_attention.py):
-    zigzag layout, ring attention, and the K/V written into the unsplit contiguous `cache` once at the
-    end (when `write`). Returns logits in the prompt's own order ([B, T, V], or [B, 1, V] at
+    zigzag layout, ring attention, and each layer's K/V written into the unsplit contiguous `cache` as
+    the ring passes it round (kept when `write`). Returns logits in the prompt's own order ([B, T, V], or [B, 1, V] at
     `logit_index`) and the cache."""
     t = tokens.shape[1]
     tokens, positions, _, inverse = ring.layout(tokens, positions)
-    kv = SeqKV.empty(ring, cache, tokens.shape[1])
+    kv = SeqKV.contiguous(ring, cache)
     if logit_index is not None:
         logit_index = jnp.asarray(inverse, jnp.int32)[logit_index]
     logits, kv = forward(graphdef, state, tokens, positions, kv, logit_index=logit_index)
     if logit_index is None:
         logits = logits[:, inverse[:t]]
-    return logits, (kv.write(cache, positions) if write else cache)
+    return logits, (kv.as_cache() if write else cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy_only", "ring"), donate_argnames=("cache",))
@@ -91,19 +91,19 @@ def prefill_chunk(graphdef, state, k, v, block_tables, valid, tokens, positions,
 @functools.partial(jax.jit, static_argnames=("graphdef", "split"), donate_argnames=("k", "v"))
 def prefill_chunk_ring(graphdef, state, k, v, block_tables, valid, tokens, positions, split: Ring):
     """`prefill_chunk` for a first chunk (no cached prefix) over pages split over sp: the chunk's tokens
-    split over sp in zigzag order with ring attention among them (as `forward_seq`), then every layer's
-    K/V written into the pages once, each rank keeping its own."""
+    split over sp in zigzag order with ring attention among them (as `forward_seq`), each layer's K/V
+    written into the pages as the ring passes it round, each rank keeping its own pages' tokens."""
     b, t = tokens.shape
     # Padding tokens take a position past every real one, so as keys no real query sees them.
     positions = jnp.where(valid, positions, jnp.iinfo(jnp.int32).max // 2)
     tokens, positions, order, _ = split.layout(tokens, positions)
     valid = jnp.pad(valid, ((0, 0), (0, tokens.shape[1] - t)))[:, order]
-    kv = SeqKV.zeros(split, (k.shape[0], b, tokens.shape[1], *k.shape[3:]), k.dtype)
-    _, kv = forward(graphdef, state, tokens, positions, kv, logit_index=jnp.zeros(b, jnp.int32))
     page_size = k.shape[2]
     entry = jnp.minimum(positions // page_size, block_tables.shape[1] - 1)
     pages = jnp.where(valid, jnp.take_along_axis(block_tables, entry, axis=1), 0)
-    return kv.write_pages(k, v, pages, positions % page_size)
+    kv = SeqKV.pages(split, k, v, pages, positions % page_size)
+    _, kv = forward(graphdef, state, tokens, positions, kv, logit_index=jnp.zeros(b, jnp.int32))
+    return kv.k, kv.v
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "ring"))

@@ -92,29 +92,49 @@ def _scores(q, k):
     return scores if k_scale is None else scores * k_scale
 
 
-# The float32 scores one attention call holds at once: a longer prompt's queries go through in tiles of
-# rows (a row's softmax is whole in its tile, so results do not change), and prefill memory grows with
-# the prompt, not its square: 1 GiB is 512 query rows of Llama-3-8B's 32 heads against 16k keys.
-SCORE_TILE_BYTES = 1 << 30
+# Once an attention call's float32 scores would pass SCORE_TILE_BYTES, its queries go through in tiles of
+# QUERY_TILE_ROWS rows (a row's softmax is whole in its tile, so results do not change), as
+# FlashAttention's fixed query blocks: the scores held at once grow with the keys, not with the prompt's
+# square, so prefill memory stays linear in the tokens a device holds (T, or T/sp in each ring step).
+# XLA:CPU holds about five buffers of a call's scores (scores, mask, exp, ...), so tiling starts early:
+# 16 MiB is Llama-3-8B's 32 heads at 360 tokens. 128 rows against 16k keys are 256 MiB; past
+# MAX_TILE_BYTES (128 rows against 64k keys) a tile takes fewer rows.
+SCORE_TILE_BYTES = 1 << 24
+QUERY_TILE_ROWS = 128
+MAX_TILE_BYTES = 1 << 30
 
 
 def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
     """`fn(q, q_pos)` for queries q (their T on `axis`, head_dim last) at positions q_pos [B, T] against
-    `keys` keys, computed a tile of query rows at a time (`lax.map`) when all their float32 scores would
-    pass SCORE_TILE_BYTES. Every output of fn has its T on `axis` too."""
+    `keys` keys, computed a tile of query rows at a time (a loop) when all their float32 scores would
+    pass SCORE_TILE_BYTES: QUERY_TILE_ROWS rows, or fewer (a multiple of 8, at least 8) where those rows'
+    scores would pass MAX_TILE_BYTES. Every output of fn has its T on `axis` too."""
     t, hd = q.shape[axis], q.shape[-1]
     row_bytes = q.size // (t * hd) * keys * 4  # one query position's scores over every head and row
-    tile = SCORE_TILE_BYTES // row_bytes // 8 * 8
+    if t * row_bytes <= SCORE_TILE_BYTES:
+        return fn(q, q_pos)
+    tile = max(min(QUERY_TILE_ROWS, MAX_TILE_BYTES // row_bytes // 8 * 8), 8)
     if tile >= t:
         return fn(q, q_pos)
-    tile = max(tile, 8)
     n = -(-t // tile)
     pad = n * tile - t  # pad rows repeat the last position (finite scores); dropped below
     q = jnp.pad(q, [(0, pad if i == axis else 0) for i in range(q.ndim)])
     q_pos = jnp.pad(q_pos, [(0, 0), (0, pad)], mode="edge")
     tiles = jnp.moveaxis(q.reshape(q.shape[:axis] + (n, tile) + q.shape[axis + 1 :]), axis, 0)
     pos_tiles = jnp.moveaxis(q_pos.reshape(q_pos.shape[0], n, tile), 1, 0)
-    outs = jax.lax.map(lambda a: fn(*a), (tiles, pos_tiles))
+    # The loop's output buffers start from a zero made from the queries (x * 0 is not folded for floats),
+    # so they are made once the queries are: from a constant, XLA:CPU makes every layer's at the start
+    # of an unrolled program and holds them all (SmolLM2's 30 layers at 4k tokens on sp=4: 270 MiB).
+    # Every element is written by some tile, so the start value is never read.
+    zero = tiles.reshape(-1)[0] * 0
+    shapes = jax.eval_shape(fn, tiles[0], pos_tiles[0])
+    outs = jax.tree.map(lambda s: jnp.broadcast_to(zero.astype(s.dtype), (n, *s.shape)), shapes)
+
+    def tile_step(i, outs):
+        got = fn(tiles[i], pos_tiles[i])
+        return jax.tree.map(lambda o, g: jax.lax.dynamic_update_index_in_dim(o, g, i, 0), outs, got)
+
+    outs = jax.lax.fori_loop(0, n, tile_step, outs)
 
     def join(o):  # [n, ..., tile, ...] -> [..., T, ...]
         o = jnp.moveaxis(o, 0, axis)
@@ -178,6 +198,13 @@ def merge_partials(out, m, total, dtype):
     return (num / jnp.sum(total * weight, axis=0)[..., None]).astype(dtype)
 
 
+def update_and_attend(cache, layer, k, v, q, q_pos, kv_len: int, sliding_window, kernel=None):
+    """A decoder layer's use of its cache: write this step's k/v, then attend q to the layer -> (output,
+    the cache). A ring prefill's cache does both at once (models/ring_attention.SeqKV)."""
+    cache = cache.update(layer, k, v, q_pos)
+    return cache.attend(layer, q, q_pos, kv_len, sliding_window, kernel), cache
+
+
 class KVCache(NamedTuple):
     """Contiguous cache, k and v each [layers, batch, cache_heads, cache_seq, head_dim] (or a QuantKV with
     scales [layers, batch, cache_heads, cache_seq, 1]): each head's keys are contiguous, so attention
@@ -186,7 +213,9 @@ class KVCache(NamedTuple):
     k: jax.Array | QuantKV
     v: jax.Array | QuantKV
     splits_seq = False  # the layers' tokens are not split over sp (models/ring_attention.SeqKV's are)
+    ring_prefill = False
     sp_dim = None  # no dimension of k/v lies split over sp
+    update_and_attend = update_and_attend
 
     def update(self, layer, k, v, q_pos) -> KVCache:
         rows = jnp.arange(k.shape[0])[:, None]
@@ -235,6 +264,8 @@ class PagedKVCache(NamedTuple):
     valid: jax.Array
     split: object = None
     splits_seq = False  # its pages may be split over sp, the layers' tokens are not
+    ring_prefill = False
+    update_and_attend = update_and_attend
 
     @property
     def sp_dim(self) -> int | None:

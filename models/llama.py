@@ -295,8 +295,7 @@ def block(
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_repeat > 1:
             k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
-        cache = cache.update(layer, k, v, q_pos)
-        o = cache.attend(layer, q, q_pos, kv_len, cfg.sliding_window, kernel)
+        o, cache = cache.update_and_attend(layer, k, v, q, q_pos, kv_len, cfg.sliding_window, kernel)
         # As one [B, T, N*H] x [N*H, D] matmul: an einsum over (n, h) made XLA:CPU transpose wo each step.
         wo = quant.merge_leading(p["wo"], 2)
         x = x + mm("btf,fd->btd", o.reshape(*o.shape[:2], -1), wo)  # [B, T, N*H] -> [B, T, D]

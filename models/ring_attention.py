@@ -11,17 +11,17 @@ the sp steps attends the local queries to the K/V block it holds while `ppermute
 sum in float32). Inside a pipeline stage, manual over pp and sp already (jaxinfer/pipeline.py), the
 same per-rank code runs in a shard_map over the remaining axes only (`sharding.shard_map`).
 
-The static path keeps its contiguous cache unsplit: `SeqKV` stands in for the cache while the layers
-run (each layer's K/V stays split on `seq`, no collective inside the layers), and `SeqKV.write`
-scatters all layers into the ordinary contiguous cache once after prefill (that is the one all-gather
-of K/V), so decode runs on the full cache as before.
+Every rank sees every token's K/V once as the ring passes the blocks round, so the cache is written
+there, inside each layer, with no collective beyond the ring's own (`SeqKV`, the ring's sink): the
+static path keeps its contiguous cache unsplit and each rank writes every block into its copy, so
+decode runs on the full cache as before; no layer's K/V is held past its layer.
 
 The serving engine's page pool is split over sp (`Ring.paged_update`, `Ring.paged_attend`): rank r
 holds a contiguous range of page ids, a sequence's pages are dealt round robin over the ranks (block i
 on rank i % sp, jaxinfer/scheduler.py), each rank writes and attends over its own pages only, and the
 partial outputs (with their row max and sum) merge across sp by log-sum-exp after one all-gather per
 layer. A prompt's first chunk (nothing cached before it) runs as a static prefill does, zigzag and
-ring, and `SeqKV.write_pages` puts every layer's K/V into the pages after the layers. A later chunk
+ring, each rank keeping the tokens of its own pages from the blocks the ring brings. A later chunk
 (or a prompt's first new chunk after a cached prefix: the cached part is only read) splits its new
 tokens over sp too, contiguous (`Ring.split_chunk`, models/kv_cache.SeqPagedKVCache): outside
 attention each rank holds T/sp of them; per layer the chunk's new K/V is gathered over sp and written
@@ -61,6 +61,17 @@ def padded_length(t: int, sp: int) -> int:
     return -(-t // (2 * sp)) * (2 * sp)
 
 
+def write_own_pages(kp, vp, k, v, pages, offsets, layer, rank, active=True):
+    """Per-rank body: k/v [B, T, K, H] into this rank's share of pools kp/vp [L, P/sp, page, K, H] (rank
+    r holds global page ids [r*P/sp, (r+1)*P/sp)) at global `pages` and `offsets` [B, T] of `layer`;
+    tokens whose page another rank holds, and every token when not `active`, are dropped."""
+    n_local = kp.shape[1]
+    local = pages - rank * n_local
+    local = jnp.where(active & (local >= 0) & (local < n_local), local, n_local)  # not this rank's: dropped
+    index = (layer, local, offsets)
+    return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
+
+
 def _block(q, k, v, q_pos, k_pos, sliding_window):
     """One ring step's partial attention: q [B, K, G, T, H] against k/v [B, S, K, H] with positions
     q_pos [B, T], k_pos [B, S] -> unnormalised output [B, K, G, T, H] (float32), row max and row sum
@@ -93,24 +104,37 @@ def _merge(acc, part):
     return o1 * a1[..., None] + o2 * a2[..., None], m, l1 * a1 + l2 * a2
 
 
-def ring_attention_local(q, k, v, q_pos, *, axis: str, size: int, sliding_window):
+def ring_attention_local(q, k, v, q_pos, *, axis: str, size: int, sliding_window, cache_dtype=None, sink=None):
     """Per-rank body (inside shard_map): q [B, T, N, H], k/v [B, T, K, H], q_pos [B, T] of this rank's
     tokens; returns [B, T, N, H]. Step 0 is the rank's own block, where every query sees at least
-    itself, so the running max is finite from then on."""
+    itself, so the running max is finite from then on. Keys and values are attended as a cache stored in
+    `cache_dtype` would give them back (quantized and dequantized).
+
+    With a `sink` (arrays, the [B, T] index arrays riding with each block, and `write(arrays, k, v,
+    positions, *index) -> arrays`), every block the ring brings, the rank's own first, is also handed to
+    `write`: each rank sees every token's K/V once, so it can keep what belongs to it with no collective
+    beyond the ring's own. Returns (output, the sink's arrays) then."""
     b, t, n, hd = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     perm = [(i, (i + 1) % size) for i in range(size)]
-    block, acc = (k, v, q_pos), None
+    dest, index, write = sink if sink is not None else (None, (), None)
+    block, acc = (k, v, q_pos, *index), None
     for step in range(size):
         # Sent before this step's compute, so the transfer can overlap it.
         nxt = jax.lax.ppermute(block, axis, perm) if step < size - 1 else None
-        part = _block(qg, block[0], block[1], q_pos, block[2], sliding_window)
+        bk, bv, bpos, *bindex = block
+        if write is not None:
+            dest = write(dest, bk, bv, bpos, *bindex)
+        if cache_dtype is not None and kv_cache.quantized(cache_dtype):
+            bk, bv = (kv_cache.dequantize(kv_cache.quantize(a, np.dtype(cache_dtype)), a.dtype) for a in (bk, bv))
+        part = _block(qg, bk, bv, q_pos, bpos, sliding_window)
         acc = part if acc is None else _merge(acc, part)
         block = nxt
     out, _, total = acc
     out = out / total[..., None]
-    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
+    out = out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
+    return out if sink is None else (out, dest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,17 +164,32 @@ class Ring:
         logical = [self._batch(n) if name == "batch" else name for name, n in zip(logical, x.shape)]
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(*logical)))
 
-    def attention(self, q, k, v, q_pos, sliding_window):
+    def attention(self, q, k, v, q_pos, sliding_window, cache_dtype=None, sink: SeqKV | None = None, layer=None):
         """q [B, T, N, H], k/v [B, T, K, H] (K = cache heads), q_pos [B, T], all in zigzag order and split
-        on `seq` -> attention output [B, T, N, H] split alike."""
-        body = functools.partial(ring_attention_local, axis=self.axis, size=self.size, sliding_window=sliding_window)
+        on `seq` -> attention output [B, T, N, H] split alike. With a `sink` (a SeqKV), each rank also
+        writes this `layer`'s K/V into its share of the sink's cache as the blocks come round the ring
+        (`SeqKV.write_local`), and the sink's new k and v come back too: (output, (k, v))."""
+        body = functools.partial(
+            ring_attention_local, axis=self.axis, size=self.size, sliding_window=sliding_window, cache_dtype=cache_dtype
+        )
         bn = self._batch(q.shape[0])  # (an engine's prefill chunk is one row, not split over dp)
         qs, ks, ps = (
             self.spec(bn, "seq", "q_heads", None),
             self.spec(bn, "seq", "cache_heads", None),
             self.spec(bn, "seq"),
         )
-        return sharding.shard_map(body, self.mesh, (qs, ks, ks, ps), qs)(q, k, v, q_pos)
+        if sink is None:
+            return sharding.shard_map(body, self.mesh, (qs, ks, ks, ps), qs)(q, k, v, q_pos)
+
+        def with_sink(q, k, v, q_pos, dk, dv, index, layer, active):
+            write = functools.partial(sink.write_local, layer=layer, active=active, rank=jax.lax.axis_index(self.axis))
+            return body(q, k, v, q_pos, sink=((dk, dv), index, write))
+
+        dest = sink.dest_specs(bn)
+        index = tuple(ps for _ in sink.index)
+        args = (q, k, v, q_pos, sink.k, sink.v, sink.index, jnp.asarray(layer, jnp.int32), sink.active)
+        in_specs = (qs, ks, ks, ps, *dest, index, P(), P())
+        return sharding.shard_map(with_sink, self.mesh, in_specs, (qs, dest))(*args)
 
     # --- the paged cache split over sp (the serving engine) -----------------------------------------
 
@@ -172,26 +211,20 @@ class Ring:
         rank that owns its page. Replicated over sp (decode), every rank has computed every token, so
         nothing crosses sp; with `seq_split` k/v/pages/offsets lie split on `seq` (a later prefill
         chunk) and each rank gathers them over sp first (a token's page may lie on any rank). Over dp the
-        rows are gathered first: every dp replica holds the whole pool, so each writes every row.
-        layer=None: k/v hold every layer, [L, B, T, K, H] (split on `seq` they are gathered first)."""
-        axis, every = self.axis, layer is None
+        rows are gathered first: every dp replica holds the whole pool, so each writes every row."""
+        axis = self.axis
 
         def body(kp, vp, k, v, pages, offsets, layer):
             if seq_split:  # [B, T/sp, ...] -> [B, T, ...]: the chunk's new K/V, the one gather of this layer's
                 k, v = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (k, v))
                 pages, offsets = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (pages, offsets))
-            n_local = kp.shape[1]
-            local = pages - jax.lax.axis_index(axis) * n_local
-            local = jnp.where((local >= 0) & (local < n_local), local, n_local)  # another rank's page: dropped
-            index = (slice(None) if every else layer, local, offsets)
-            return kv_cache.write_at(kp, index, k, mode="drop"), kv_cache.write_at(vp, index, v, mode="drop")
+            return write_own_pages(kp, vp, k, v, pages, offsets, layer, jax.lax.axis_index(axis))
 
         seq = "seq" if seq_split else None
         pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
-        new = self.spec(*(["layers"] if every else []), None, seq, "cache_heads", None)
-        idx = self.spec(None, seq)
+        new, idx = self.spec(None, seq, "cache_heads", None), self.spec(None, seq)
         return sharding.shard_map(body, self.mesh, (*pools, new, new, idx, idx, P()), pools)(
-            k_pool, v_pool, k, v, pages, offsets, jnp.asarray(0 if every else layer, jnp.int32)
+            k_pool, v_pool, k, v, pages, offsets, jnp.asarray(layer, jnp.int32)
         )
 
     def paged_attend(self, q, k_pool, v_pool, block_tables, q_pos, layer, sliding_window, seq_split: bool = False):
@@ -287,61 +320,93 @@ jax.tree_util.register_static(Ring)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SeqKV:
-    """Stands in for the KV cache while the layers prefill over `sp`: k and v [layers, B, T, K, H] in
-    zigzag order, split on `seq` (each rank keeps its tokens' K/V; nothing is gathered inside the
-    layers). `cache_dtype`: the storage dtype of the cache it will be written to; attention reads K/V
-    quantized and dequantized as that cache would hold them, so logits match the unsplit path."""
+    """The KV cache of a prefill whose tokens lie split over `sp` in zigzag order (ring attention). Each
+    layer's K/V is written where it belongs while the ring passes it round, inside the layer
+    (`Ring.attention` with this as its sink), so no layer's K/V is gathered over sp and none is held
+    past its layer:
 
-    k: jax.Array
-    v: jax.Array
+    - `paged`: k and v are the serving engine's page pools split over sp by page id, `index` the
+      tokens' global (pages, offsets) [B, T] in zigzag order, split on `seq`; each rank keeps the
+      tokens of its own pages (`write_own_pages`).
+    - not `paged`: k and v are the static path's contiguous cache [L, B, K, S, H], whole on every sp
+      rank (decode reads it unsplit), `index` empty: each rank writes every block at its tokens' true
+      positions (positions past the cache are dropped).
+
+    `active` (a bool scalar) drops every write when False: a pipeline stage's idle tick runs its layers
+    (jaxinfer/pipeline.py) without touching the cache. `cache_dtype`: the storage dtype; attention reads
+    K/V quantized and dequantized as the cache holds them, so logits match the unsplit path."""
+
+    k: jax.Array | QuantKV
+    v: jax.Array | QuantKV
+    index: tuple
+    active: jax.Array
     ring: Ring = dataclasses.field(metadata=dict(static=True))
-    cache_dtype: str = dataclasses.field(metadata=dict(static=True))
+    paged: bool = dataclasses.field(metadata=dict(static=True))
     splits_seq: ClassVar[bool] = True  # the layers' tokens lie split on `seq` (models/moe.py keeps them so)
-    sp_dim: ClassVar[int] = 2  # k/v [L, B, T, K, H] split over sp on T
+    ring_prefill: ClassVar[bool] = True  # its attention permutes over sp (jaxinfer/pipeline.py keeps it out of cond)
 
     @classmethod
-    def empty(cls, ring: Ring, cache: KVCache, t: int) -> SeqKV:
-        """Room for t tokens of every layer of `cache` (a contiguous [L, B, K, S, H] cache)."""
-        layers, b, kv_heads, _, head_dim = cache.k.shape
-        return cls.zeros(ring, (layers, b, t, kv_heads, head_dim), cache.k.dtype)
+    def contiguous(cls, ring: Ring, cache: KVCache) -> SeqKV:
+        return cls(cache.k, cache.v, (), jnp.asarray(True), ring, False)
 
     @classmethod
-    def zeros(cls, ring: Ring, shape: tuple[int, ...], cache_dtype) -> SeqKV:
-        """Room for K/V [L, B, T, K, H] bound for a cache stored in `cache_dtype`."""
-        z = jnp.zeros(shape, ring.dtype)
-        z = ring.constrain(z, "layers", "batch", "seq", "cache_heads", None)
-        return cls(z, z, ring, str(np.dtype(cache_dtype)))
+    def pages(cls, ring: Ring, k_pool, v_pool, pages, offsets) -> SeqKV:
+        index = tuple(ring.constrain(a, "batch", "seq") for a in (pages, offsets))
+        return cls(k_pool, v_pool, index, jnp.asarray(True), ring, True)
 
-    # A pipeline micro-batch's rows (batch is axis 1, as in the contiguous cache).
-    rows, put_rows = KVCache.rows, KVCache.put_rows
+    @property
+    def sp_dim(self) -> int | None:
+        """The dimension of k/v split over sp: the pool's pages; the contiguous cache is whole."""
+        return 1 if self.paged else None
 
-    def update(self, layer, k, v, q_pos) -> SeqKV:
-        put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x.astype(c.dtype), layer, 0)  # noqa: E731
-        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
+    @property
+    def cache_dtype(self):
+        return self.k.dtype
 
-    def attend(self, layer, q, q_pos, kv_len: int, sliding_window, kernel=None):
-        k, v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (self.k, self.v))
-        if kv_cache.quantized(self.cache_dtype):
-            k, v = (kv_cache.dequantize(kv_cache.quantize(a, np.dtype(self.cache_dtype)), a.dtype) for a in (k, v))
-        return self.ring.attention(q, k, v, q_pos, sliding_window)
+    def writing_if(self, active) -> SeqKV:
+        return dataclasses.replace(self, active=jnp.asarray(active))
 
-    def write(self, cache: KVCache, positions) -> KVCache:
-        """Every layer's K/V into the contiguous cache [L, B, K, S, H] at the tokens' true positions (pad
-        positions past the cache are dropped): the one gather over `sp`, after the layers."""
-        rows = jnp.arange(positions.shape[0])[:, None]
-        index = (slice(None), rows, slice(None), positions)  # advanced indices first: [B, T, L, K, H]
+    def rows(self, start, size: int) -> SeqKV:
+        """Batch rows [start, start + size) (a pipeline micro-batch): their index rows, and the contiguous
+        cache's rows (the pools are shared)."""
+        take = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)  # noqa: E731
+        index = tuple(take(a, 0) for a in self.index)
+        if self.paged:
+            return dataclasses.replace(self, index=index)
+        k, v = (jax.tree.map(lambda a: take(a, 1), c) for c in (self.k, self.v))
+        return dataclasses.replace(self, k=k, v=v, index=index)
 
-        def put(c, x):
-            x = x.transpose(1, 2, 0, 3, 4)
-            if isinstance(c, QuantKV):
-                new = kv_cache.quantize(x, c.dtype)
-                return QuantKV(*(a.at[index].set(n, mode="drop") for a, n in zip(c, new)))
-            return c.at[index].set(x.astype(c.dtype), mode="drop")
+    def put_rows(self, view: SeqKV, start) -> SeqKV:
+        if self.paged:
+            return dataclasses.replace(self, k=view.k, v=view.v)
+        put = lambda c, w: jax.lax.dynamic_update_slice_in_dim(c, w, start, axis=1)  # noqa: E731
+        return dataclasses.replace(self, k=jax.tree.map(put, self.k, view.k), v=jax.tree.map(put, self.v, view.v))
 
-        return KVCache(put(cache.k, self.k), put(cache.v, self.v))
+    def dest_specs(self, batch) -> tuple:
+        """Specs of (k, v) in `Ring.attention`'s shard_map; `batch`: the batch's logical name or None."""
+        if self.paged:
+            return self.ring._pool_spec(self.k), self.ring._pool_spec(self.v)
+        values = self.ring.spec("layers", batch, "cache_heads", None, "head_dim")
+        if isinstance(self.k, QuantKV):
+            values = QuantKV(values, self.ring.spec("layers", batch, "cache_heads", None, None))
+        return values, values
 
-    def write_pages(self, k_pool, v_pool, pages, offsets):
-        """Every layer's K/V into a page pool split over sp at global page ids `pages` and `offsets`
-        [B, T] (in this K/V's zigzag order): gathered over sp once after the layers, and each rank keeps
-        the tokens of its own pages (`Ring.paged_update`)."""
-        return self.ring.paged_update(k_pool, v_pool, self.k, self.v, pages, offsets, None)
+    def write_local(self, dest, k, v, positions, *index, layer, active, rank):
+        """Per-rank body: one ring block's K/V [B, T, K, H] at `positions` [B, T] (and `index`) into this
+        rank's share of dest (k, v)."""
+        dk, dv = dest
+        if self.paged:
+            return write_own_pages(dk, dv, k, v, *index, layer, rank, active)
+        rows = jnp.arange(k.shape[0])[:, None]
+        positions = jnp.where(active, positions, dk.shape[3])  # an idle tick writes past the cache: dropped
+        where = (layer, rows, slice(None), positions)  # advanced indices first: [B, T, K, H]
+        return kv_cache.write_at(dk, where, k, mode="drop"), kv_cache.write_at(dv, where, v, mode="drop")
+
+    def update_and_attend(self, layer, k, v, q, q_pos, kv_len: int, sliding_window, kernel=None):
+        out, (new_k, new_v) = self.ring.attention(
+            q, k, v, q_pos, sliding_window, cache_dtype=self.cache_dtype, sink=self, layer=layer
+        )
+        return out, dataclasses.replace(self, k=new_k, v=new_v)
+
+    def as_cache(self) -> KVCache:
+        return KVCache(self.k, self.v)

@@ -213,29 +213,58 @@ def merge_unnormalised(acc, m, denom):
     return (acc * weight[..., None]).sum(axis=-3), top, (denom * weight).sum(axis=-2)
 
 
-def merge(acc, m, denom):
-    """Log-sum-exp merge of per-split partials: acc [..., S, G, H], m and denom [..., S, G] -> [..., G, H]."""
-    total, _, denom = merge_unnormalised(acc, m, denom)
-    return total / jnp.maximum(denom, 1e-30)[..., None]
-
-
-def _split_partials(
+@functools.partial(jax.jit, static_argnames=("interpret", "num_splits", "block_tokens"))
+def paged_attention(
     q,
     k_pages,
     v_pages,
     lengths,
     block_tables,
     layer,
-    k_scales,
-    v_scales,
+    k_scales=None,
+    v_scales=None,
     *,
-    rank,
-    ranks,
-    interpret,
-    num_splits,
-    block_tokens,
+    interpret: bool = False,
+    num_splits=None,
+    block_tokens=64,
 ):
-    """The pallas_call: per-split unnormalised output [B, K, S, Gp, H], max and sum [B, K, S, Gp], and G."""
+    """q [B, N, H] attends to the first `lengths` cached tokens of its sequence in layer `layer` of the
+    pool [L, pages, page_size, K, H]; returns [B, N, H] in q.dtype. An int8 or float8_e4m3fn pool takes
+    float32 scales [L, pages, page_size, K] (k_scales/v_scales, or the pool as a (values, scales) pair).
+    num_splits: KV splits per sequence (default: enough to fill an H100); block_tokens: tokens per loop
+    step (a power of two)."""
+    # One rank's share when there is one rank is the whole: the same kernel and merge, then normalised.
+    tiling = dict(interpret=interpret, num_splits=num_splits, block_tokens=block_tokens)
+    out, _, total = paged_attention_partial(
+        q, k_pages, v_pages, lengths, block_tables, layer, 0, k_scales, v_scales, ranks=1, **tiling
+    )  # [B, N, H], [B, N]
+    return (out / jnp.maximum(total, 1e-30)[..., None]).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("ranks", "interpret", "num_splits", "block_tokens"))
+def paged_attention_partial(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    block_tables,
+    layer,
+    rank,
+    k_scales=None,
+    v_scales=None,
+    *,
+    ranks: int,
+    interpret: bool = False,
+    num_splits=None,
+    block_tokens=64,
+):
+    """One rank's share of `paged_attention` for a cache whose sequences' pages are dealt round robin over
+    `ranks` (sequence parallelism): `block_tables` [B, W] lists the pages of blocks rank, rank + ranks,
+    rank + 2·ranks, ... of each sequence (`rank` a scalar, may be traced), `lengths` [B] the sequences'
+    whole lengths. Returns the unnormalised output [B, N, H], the running max and the sum [B, N], all
+    float32, for a log-sum-exp merge with the other ranks' (a rank with no visible token returns max
+    MASK and sum 0)."""
+    k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
     validate(q, k_pages, v_pages, lengths, block_tables, layer, k_scales, v_scales)
     b, n, hd = q.shape
     ps, kh = k_pages.shape[2], k_pages.shape[3]
@@ -289,90 +318,7 @@ def _split_partials(
         v_pages,
         *scale_pools,
     )
-    return acc, m, denom, g
-
-
-@functools.partial(jax.jit, static_argnames=("interpret", "num_splits", "block_tokens"))
-def paged_attention(
-    q,
-    k_pages,
-    v_pages,
-    lengths,
-    block_tables,
-    layer,
-    k_scales=None,
-    v_scales=None,
-    *,
-    interpret: bool = False,
-    num_splits=None,
-    block_tokens=64,
-):
-    """q [B, N, H] attends to the first `lengths` cached tokens of its sequence in layer `layer` of the
-    pool [L, pages, page_size, K, H]; returns [B, N, H] in q.dtype. An int8 or float8_e4m3fn pool takes
-    float32 scales [L, pages, page_size, K] (k_scales/v_scales, or the pool as a (values, scales) pair).
-    num_splits: KV splits per sequence (default: enough to fill an H100); block_tokens: tokens per loop
-    step (a power of two)."""
-    k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
-    b, n, hd = q.shape
-    acc, m, denom, g = _split_partials(
-        q,
-        k_pages,
-        v_pages,
-        lengths,
-        block_tables,
-        layer,
-        k_scales,
-        v_scales,
-        rank=0,
-        ranks=1,
-        interpret=interpret,
-        num_splits=num_splits,
-        block_tokens=block_tokens,
-    )
-    out = merge(acc, m, denom)  # [B, K, Gp, H]
-    return out[:, :, :g].reshape(b, n, hd).astype(q.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("ranks", "interpret", "num_splits", "block_tokens"))
-def paged_attention_partial(
-    q,
-    k_pages,
-    v_pages,
-    lengths,
-    block_tables,
-    layer,
-    rank,
-    k_scales=None,
-    v_scales=None,
-    *,
-    ranks: int,
-    interpret: bool = False,
-    num_splits=None,
-    block_tokens=64,
-):
-    """One rank's share of `paged_attention` for a cache whose sequences' pages are dealt round robin over
-    `ranks` (sequence parallelism): `block_tables` [B, W] lists the pages of blocks rank, rank + ranks,
-    rank + 2·ranks, ... of each sequence (`rank` a scalar, may be traced), `lengths` [B] the sequences'
-    whole lengths. Returns the unnormalised output [B, N, H], the running max and the sum [B, N], all
-    float32, for a log-sum-exp merge with the other ranks' (a rank with no visible token returns max
-    MASK and sum 0)."""
-    k_pages, v_pages, k_scales, v_scales = pools(k_pages, v_pages, k_scales, v_scales)
-    b, n, hd = q.shape
-    acc, m, denom, g = _split_partials(
-        q,
-        k_pages,
-        v_pages,
-        lengths,
-        block_tables,
-        layer,
-        k_scales,
-        v_scales,
-        rank=rank,
-        ranks=ranks,
-        interpret=interpret,
-        num_splits=num_splits,
-        block_tokens=block_tokens,
-    )
+    # acc [B, K, S, Gp, H], m and denom [B, K, S, Gp]: each split's unnormalised output, max and sum
     out, top, total = merge_unnormalised(acc, m, denom)  # [B, K, Gp, H], [B, K, Gp] x 2
     return out[:, :, :g].reshape(b, n, hd), top[:, :, :g].reshape(b, n), total[:, :, :g].reshape(b, n)
 

@@ -20,8 +20,9 @@ def llama3(tiny_dir):
 @pytest.mark.parametrize("axes", [dict(), dict(sp=2)], ids=["one_device", "sp2"])
 def test_tiled_scores_equal_untiled(llama3, axes, monkeypatch):
     ref = jaxinfer.LLM(llama3, max_seq_len=256, **axes).score(PROMPT)
-    # A few rows' scores per tile: every layer's attention runs as several tiles.
-    monkeypatch.setattr(kv_cache, "SCORE_TILE_BYTES", 24 * 4 * 256 * 4)
+    # A few rows per tile: every layer's attention runs as several tiles.
+    monkeypatch.setattr(kv_cache, "SCORE_TILE_BYTES", 0)
+    monkeypatch.setattr(kv_cache, "QUERY_TILE_ROWS", 24)
     jax.clear_caches()  # the steps are traced again, now in tiles
     got = jaxinfer.LLM(llama3, max_seq_len=256, **axes).score(PROMPT)
     assert rel_err(got, ref) < 1e-5
@@ -38,13 +39,17 @@ def test_tile_length_follows_the_budget():
 
     q = jnp.ones((1, 100, 4, 8))
     pos = jnp.broadcast_to(jnp.arange(100), (1, 100))
-    out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)  # 1 GiB: no tiles
+    out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)  # 100 KiB of scores: no tiles
     assert seen == [100] and out.shape == q.shape
-    old = kv_cache.SCORE_TILE_BYTES
+    old = kv_cache.SCORE_TILE_BYTES, kv_cache.QUERY_TILE_ROWS, kv_cache.MAX_TILE_BYTES
     try:
-        kv_cache.SCORE_TILE_BYTES = 16 * 4 * 64 * 4  # 16 rows of 4 heads x 64 keys
+        kv_cache.SCORE_TILE_BYTES = 50 * 4 * 64 * 4  # past 50 rows' scores (4 heads x 64 keys): tiles
+        kv_cache.QUERY_TILE_ROWS = 32
         out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)
+        assert seen[-1] == 32 and out.shape == q.shape
+        kv_cache.MAX_TILE_BYTES = 16 * 4 * 64 * 4  # 32 rows' scores would pass it: 16 rows
+        out = kv_cache.over_query_tiles(fn, q, pos, keys=64, axis=1)
+        assert seen[-1] == 16 and out.shape == q.shape
     finally:
-        kv_cache.SCORE_TILE_BYTES = old
-    assert seen[-1] == 16 and out.shape == q.shape
+        kv_cache.SCORE_TILE_BYTES, kv_cache.QUERY_TILE_ROWS, kv_cache.MAX_TILE_BYTES = old
     np.testing.assert_array_equal(np.asarray(out), 2 * np.ones(q.shape))

@@ -33,6 +33,7 @@ InProcessBackend and leading its peers in lock step (jaxinfer/lockstep.py, Engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -46,7 +47,7 @@ import time
 from pathlib import Path
 
 from jaxinfer.errors import JaxinferError
-from jaxinfer.outputs import StreamText
+from jaxinfer.outputs import StreamText, drain
 from jaxinfer.serving import backend
 from jaxinfer.serving.backend import Event, GenRequest, Unavailable
 from jaxinfer.serving.router import BLOCK, Router
@@ -585,21 +586,14 @@ class ReplicaPool:
                 )
         f = _Flight(req, asyncio.Queue())
         self._flights[req.request_id] = f
-        finished = False
         try:
             await self._dispatch(f)
-            while True:
-                ev = await f.queue.get()
-                if isinstance(ev, JaxinferError):
-                    finished = True
-                    raise ev
-                finished = ev.finish_reason is not None
+        except BaseException:  # left (or failed) before it reached a replica: nothing must stay behind
+            self._abandon(f)
+            raise
+        async with contextlib.aclosing(drain(f.queue, lambda: self._abandon(f))) as events:
+            async for ev in events:
                 yield ev
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._abandon(f)
 
     async def _dispatch(self, f: _Flight) -> None:
         """Routes `f` to a replica (preferring ones it has not died on) and submits it; waits for a
