@@ -7,9 +7,7 @@ The calibration (--calibrate) is measured on tp=1 only, and on micro-benchmarks:
 is `bench` of the model's own layers at tiny widths (where no weight or FLOP counts); `bench` at batch 1
 and 4 with the layers unrolled (as pp = 1 runs) then fits the bandwidth and FLOP/s fractions; the same
 bench with the layers in lax.scan (as pipeline stages run them) fits how many times a scanned weight
-crosses memory; a loop of psums over 3 simulated devices gives a collective's latency, and a loop of one
-layer's matrix-vector product on more devices than cores, with and without a psum after each, how much
-devices meeting inside every layer slow down (lockstep_slowdown). Every other
+crosses memory; a loop of psums over 3 simulated devices gives a collective's latency. Every other
 mesh below (tp 3, pp 2/3/5, tp3 x pp2) is then predicted without having been seen: the table reports
 the error of each and whether the predicted ranking by TPOT equals the measured one (target: 25%).
 Each bench runs in its own process (as `jaxinfer bench` would), one after another.
@@ -91,39 +89,6 @@ print(best / {reps})
     return float(r.stdout.strip())
 
 
-def lockstep_slowdown(n: int, reps: int = 100) -> float:
-    """How much longer n simulated devices (more than the cores) take to run a loop of one layer's
-    matrix-vector product each when they meet at a psum after every one, than the same loop run free of
-    one another: at each psum every device waits for the others' turns on the cores."""
-    code = f"""
-import time, jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-jax.config.update("jax_num_cpu_devices", {n})
-mesh = Mesh(np.array(jax.devices()[:{n}]), ("tp",))
-w = jax.device_put(jnp.ones(({n} * 576, 1536), jnp.float32) * 1e-3, NamedSharding(mesh, P("tp")))
-def loop(sync):
-    def body(w):
-        def step(i, x):
-            y = jnp.tanh(x @ w)[:, :576]  # [1, 576] @ [576, 1536]: one MLP matrix of a small layer
-            return jax.lax.psum(y, "tp") * 0.3 if sync else y
-        return jax.lax.fori_loop(0, {reps}, step, jnp.ones((1, 576)))
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp"), out_specs=P(), check_vma=False))
-runs = {{sync: loop(sync) for sync in (True, False)}}
-best = {{}}
-for f in runs.values():
-    f(w).block_until_ready()
-for _ in range(7):
-    for sync, f in runs.items():
-        t = time.perf_counter(); f(w).block_until_ready(); t = time.perf_counter() - t
-        best[sync] = min(best.get(sync, 1e9), t)
-print(best[True] / best[False])
-"""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
-    return float(r.stdout.strip())
-
-
 def _request(prompt_len: int, gen_len: int):
     from jaxinfer import plan
 
@@ -146,8 +111,7 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
     hw = plan.load_hardware("cpu", num_devices=8, pinned=plan.Calibration(peak_gb_s=bw, peak_tflops=fl).pins())
     overhead = float(np.mean([x["tpot_median_s"] for x in tiny["rows"]]))
     latency = collective_latency()
-    lockstep = lockstep_slowdown((os.cpu_count() or 1) + 1)
-    base = plan.Calibration(collective_latency_s=latency, lockstep_slowdown=lockstep)
+    base = plan.Calibration(collective_latency_s=latency)
     cal = plan.fit(unrolled, req, hw, "float32", "tp=1 bench", base, overhead=overhead)
     passes = plan.fit_scan_passes(scanned, req, hw, "float32", cal, "tp=1 scanned bench")
     rows = lambda r, d=1: ", ".join(f"batch {x['batch']} {x['tpot_median_s'] * 1e3:.{d}f} ms" for x in r["rows"])  # noqa: E731
@@ -157,7 +121,6 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
         "step_overhead_s": round(cal.step_overhead_s, 6),
         "collective_latency_s": round(latency, 7),
         "scan_weight_passes": round(passes, 3),
-        "lockstep_slowdown": round(lockstep, 3),
         "peak_gb_s": round(hw.bandwidth / 1e9, 2),
         "peak_tflops": round(hw.bf16_flops / 1e12, 5),
         "measured": (
@@ -166,11 +129,9 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
             f"prompt {prompt_len}, {gen_len} new tokens: the same {plan.model_config(MODEL).num_layers} layers at "
             f"tiny widths (head_dim 8, vocabulary 512) {rows(tiny, 2)} (their mean is step_overhead_s); unrolled "
             f"layers {rows(unrolled)} (fits the fractions); layers in lax.scan {rows(scanned)} (fits "
-            f"scan_weight_passes); a psum of 576 floats over 3 simulated devices {latency * 1e6:.0f} us; "
-            f"{(os.cpu_count() or 1) + 1} simulated devices running one layer's matrix-vector product each, with a "
-            f"psum after every one, {lockstep:.2f}x as long as without (lockstep_slowdown). The fractions are of "
-            "the peaks measured then (bench.peak_bandwidth and a float32 matmul), kept here as peak_gb_s and "
-            "peak_tflops."
+            f"scan_weight_passes); a psum of 576 floats over 3 simulated devices {latency * 1e6:.0f} us. The "
+            "fractions are of the peaks measured then (bench.peak_bandwidth and a float32 matmul), kept here as "
+            "peak_gb_s and peak_tflops."
         ),
     }
     path = plan.CALIBRATION_DIR / "cpu.json"
@@ -243,8 +204,7 @@ def main() -> None:
         f"{args.prompt_len}, {args.gen_len} new tokens; peaks (calibration's) {hw.bandwidth / 1e9:.1f} GB/s, "
         f"{hw.bf16_flops / 1e9:.1f} GFLOP/s; calibration: bandwidth x{cal.bandwidth_fraction:.2f}, "
         f"FLOP/s x{cal.flops_fraction:.2f}, scanned weights x{cal.scan_weight_passes:.2f} (fitted on tp1); overhead "
-        f"{cal.step_overhead_s * 1e3:.2f} ms, collective {(cal.collective_latency_s or 0) * 1e6:.0f} us, lockstep "
-        f"x{cal.lockstep_slowdown:.2f} (measured)"
+        f"{cal.step_overhead_s * 1e3:.2f} ms, collective {(cal.collective_latency_s or 0) * 1e6:.0f} us (measured)"
     )
     print("| mesh | batch | predicted TPOT ms | measured TPOT ms | error | within 25% |")
     print("|---|---:|---:|---:|---:|---|")

@@ -212,9 +212,6 @@ class Calibration:
     # Pipeline stages run their layers in lax.scan, where XLA copies each layer's weights out of the
     # stacked array before using them: the weights cross memory this many times instead of once.
     scan_weight_passes: float = 1.0
-    # Simulated CPU devices, more of them working than cores, that meet at a collective inside every layer
-    # (tp, ep, sp): how much longer they take than the same work run free of one another (measured).
-    lockstep_slowdown: float = 1.0
     # On CPU, the peaks the fractions were fitted against (GB/s, TFLOP/s): a shared machine's measured
     # peak moves with its load, and a fraction means something only against the peak it was fitted to.
     peak_gb_s: float | None = None
@@ -248,7 +245,6 @@ def load_calibration(path: str | Path) -> Calibration:
         step_overhead_s=f.number("step_overhead_s", 0.0, positive=False),
         collective_latency_s=None if latency is None else f.number("collective_latency_s", positive=False),
         scan_weight_passes=f.number("scan_weight_passes", 1.0),
-        lockstep_slowdown=f.number("lockstep_slowdown", 1.0),
         peak_gb_s=f.number("peak_gb_s"),
         peak_tflops=f.number("peak_tflops"),
         source=p.name,
@@ -601,13 +597,8 @@ class Planner:
         work = max(layer_bytes / bw, layer_flops / peak)
         if hw.shared and hw.cores and active > hw.cores:
             # More simulated devices than cores, meeting at every collective: a phase lasts as long as
-            # ceil(active / cores) turns of one device's share, not active / cores of them. Devices that
-            # meet inside every layer (tp's all-reduces) lose more than that: each one waits at each
-            # collective for the others' turns; the calibration measures by how much.
-            turns = math.ceil(active / hw.cores) * hw.cores / active
-            if any(c.in_layer for c in colls):
-                turns = max(turns, cal.lockstep_slowdown)
-            work *= turns
+            # ceil(active / cores) turns of one device's share, not active / cores of them.
+            work *= math.ceil(active / hw.cores) * hw.cores / active
         tick = work + comm
         # Embedding lookup and head run outside the stages, on every device of the replica.
         every = tp * ep * sp * pp if hw.shared else 1

@@ -1,7 +1,6 @@
 """`plan`: the search rules, memory from explain's shardings, collectives from the compiled HLO, the
 output's keys, every bad input's message, and the CLI."""
 
-import dataclasses
 import json
 import math
 import os
@@ -204,32 +203,6 @@ def test_a_measured_overhead_is_kept_and_the_fractions_fitted_around_it():
     assert got.step_overhead_s == 1e-3
     for name in ("bandwidth_fraction", "flops_fraction"):
         assert math.isclose(getattr(got, name), getattr(truth, name), rel_tol=0.03), (name, got)
-
-
-def test_lockstep_slowdown_stretches_only_devices_that_meet_inside_every_layer():
-    """On simulated CPU devices (2 cores here), tp=3's devices meet at two all-reduces in every layer:
-    their work per tick takes lockstep_slowdown times as long once that exceeds the turns' granularity
-    (ceil(3 / 2) * 2 / 3); a pipeline's stages meet only between ticks, so pp alone is untouched."""
-    req = plan.Request(model="smollm2-135m", gpu="cpu", gpus_per_node=8, nodes=1, isl=64, osl=33, tpot_ms=1e9)
-    pins = {"hbm_gb_s": 50.0, "intra_node_gb_s": 50.0, "inter_node_gb_s": 50.0, "bf16_tflops": 0.4}
-    hw = dataclasses.replace(plan.load_hardware("cpu", num_devices=8, pinned=pins), cores=2)
-    p = plan.Planner(req, hw, plan.Calibration(), "float32")
-
-    def tpot(tp, pp, batch, slowdown):
-        p.cal = plan.Calibration(lockstep_slowdown=slowdown)
-        return p.step_time(p.memory_of(tp, 1, "none"), p.program(tp, 1, pp), pp, batch, 128, True, 1)
-
-    for tp, pp, batch in ((3, 1, 1), (3, 2, 4)):  # tp3 (3 devices at once); tp3 x pp2, M = 2 (6 at once)
-        base = tpot(tp, pp, batch, 1.0)
-        assert tpot(tp, pp, batch, 4 / 3) == base if pp == 1 else tpot(tp, pp, batch, 4 / 3) > base
-        # linear in the slowdown, over M + pp - 1 ticks of the same work
-        step = tpot(tp, pp, batch, 3.0) - tpot(tp, pp, batch, 2.0)
-        assert step > 0 and math.isclose(tpot(tp, pp, batch, 2.5) - tpot(tp, pp, batch, 2.0), step / 2, rel_tol=1e-9)
-    one_tick = tpot(3, 1, 1, 3.0) - tpot(3, 1, 1, 2.0)
-    three_ticks = tpot(3, 2, 4, 3.0) - tpot(3, 2, 4, 2.0)  # M + pp - 1 = 3 ticks of a stage's work
-    assert three_ticks > 1.5 * one_tick
-    for pp, batch in ((3, 1), (5, 4)):  # stages alone: no collective inside a layer
-        assert tpot(1, pp, batch, 3.0) == tpot(1, pp, batch, 1.0)
 
 
 def test_cli_plan_json():
