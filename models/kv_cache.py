@@ -122,13 +122,8 @@ def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
     q_pos = jnp.pad(q_pos, [(0, 0), (0, pad)], mode="edge")
     tiles = jnp.moveaxis(q.reshape(q.shape[:axis] + (n, tile) + q.shape[axis + 1 :]), axis, 0)
     pos_tiles = jnp.moveaxis(q_pos.reshape(q_pos.shape[0], n, tile), 1, 0)
-    # The loop's output buffers start from a zero made from the queries (x * 0 is not folded for floats),
-    # so they are made once the queries are: from a constant, XLA:CPU makes every layer's at the start
-    # of an unrolled program and holds them all (SmolLM2's 30 layers at 4k tokens on sp=4: 270 MiB).
-    # Every element is written by some tile, so the start value is never read.
-    zero = tiles.reshape(-1)[0] * 0
     shapes = jax.eval_shape(fn, tiles[0], pos_tiles[0])
-    outs = jax.tree.map(lambda s: jnp.broadcast_to(zero.astype(s.dtype), (n, *s.shape)), shapes)
+    outs = jax.tree.map(lambda s: _start(tiles, s), shapes)
 
     def tile_step(i, outs):
         got = fn(tiles[i], pos_tiles[i])
@@ -142,6 +137,20 @@ def over_query_tiles(fn, q, q_pos, keys: int, axis: int):
         return jax.lax.slice_in_dim(o, 0, t, axis=axis)
 
     return jax.tree.map(join, outs)
+
+
+def _start(tiles, out: jax.ShapeDtypeStruct):
+    """The loop's buffer for `out` of every tile, [n, *out.shape], made from the query tiles [n, ...]
+    (x * 0 is not folded for floats) where out is shaped like a tile (an output) or like one less its
+    last axis (a row max or sum): elementwise, so it keeps the tiles' sharding and takes no collective,
+    and it is made once the queries are. From a constant, XLA:CPU makes every layer's at the start of an
+    unrolled program and holds them all (SmolLM2's 30 layers at 4k tokens on sp=4: 270 MiB). Every
+    element is written by some tile, so the start value is never read."""
+    if out.shape == tiles.shape[1:]:
+        return (tiles * 0).astype(out.dtype)
+    if out.shape == tiles.shape[1:-1]:
+        return (tiles[..., 0] * 0).astype(out.dtype)
+    return jnp.zeros((tiles.shape[0], *out.shape), out.dtype)
 
 
 def attention(q, k, v, q_pos, sliding_window):

@@ -53,3 +53,19 @@ def test_tile_length_follows_the_budget():
     finally:
         kv_cache.SCORE_TILE_BYTES, kv_cache.QUERY_TILE_ROWS, kv_cache.MAX_TILE_BYTES = old
     np.testing.assert_array_equal(np.asarray(out), 2 * np.ones(q.shape))
+
+
+def test_tiles_take_no_collective_on_a_tensor_parallel_mesh(llama3, monkeypatch):
+    """The tile loop's buffers are made from the (head-sharded) query tiles elementwise: a prefill in tiles
+    on tp=2 has exactly the untiled program's collectives (a scalar taken from the tiles would cost one
+    more per layer)."""
+    from jaxinfer import explain
+
+    def collectives():
+        jax.clear_caches()
+        return explain.explain(llama3, dict(tp=2), prompt_len=200, gen_len=8)["steps"]["prefill"]["collectives"]
+
+    ref = collectives()
+    monkeypatch.setattr(kv_cache, "SCORE_TILE_BYTES", 0)
+    monkeypatch.setattr(kv_cache, "QUERY_TILE_ROWS", 24)
+    assert collectives() == ref
