@@ -31,9 +31,15 @@ Stages (default budget in seconds):
              after a warm-up run of the same shapes, the Pallas attention kernel plugged in): TPOT and MBU =
              (weights read per step, of the embedding table only the rows gathered, + KV bytes read) / TPOT /
              nameplate bandwidth. Target: MBU >= 75% at batch 1.
-  q    (70)  fp8 weights (quant="fp8") on the same shapes: whether the compiled decode multiplies fp8 operands
-             (cuBLASLt's f8 custom call or an fp8 dot fusion), then TPOT and MBU at batch 1 and 64 beside d's
-             bf16 rows. Target: >= 1.6x faster than bf16 at batch 1.
+  f    (60)  fp8 weights in one projection (Llama-3-8B's gate and down shapes) at 1, 64, 256 and 8192 rows:
+             bf16, models/quant.einsum's native fp8 path (activations quantized per row, cuBLASLt fp8) and its
+             weight-only path (fp8 values cast inside the dot), and the native path on a weight stored [N, K];
+             time, GB/s, kernels launched, error: what quant.FP8_NATIVE_MIN_ROWS (the rows from which einsum
+             takes the native path) should be; stage q says it beside the value in use
+             (GPU_CHECK_FP8_MIN_ROWS=N runs every stage with another).
+  q    (70)  fp8 weights (quant="fp8") on the same shapes: whether the compiled prefill of 1024 tokens multiplies
+             fp8 operands (cuBLASLt's f8 custom call) and what the one-sequence decode runs, then TPOT and MBU
+             at batch 1 and 64 beside d's bf16 rows. Target: >= 1.6x faster than bf16 at batch 1.
   s    (30)  sequence parallelism: one ring step's attention (the per-rank body of models/ring_attention.py on a
              one-device sp axis) on blocks of 4k and 16k tokens, stage b's heads, bf16: TFLOP/s of the block's
              matmuls (the masked half included) as a fraction of the bf16 peak. No target yet.
@@ -75,6 +81,7 @@ BAD = ("fail", "missed", "error")
 PAGE = 16  # tokens per KV page in the engine stages
 DECODE_STEPS = 8  # the engine's decode steps per compiled call (Engine.decode_steps)
 F32_TOL, BF16_TOL = 2e-5, 2e-2  # largest error over the reference's largest magnitude
+FP8_PREFILL_TOKENS = 1024  # stage q's compiled prefill: past quant.FP8_NATIVE_MIN_ROWS, so cuBLASLt's fp8 GEMM
 FIT_FRACTION = 0.88  # weights may take this much of jax's memory limit; the rest is KV pages and work space
 
 # Dense bf16 tensor-core peak by the device kind jax reports (no sparsity).
@@ -100,6 +107,7 @@ STAGES = (
     Stage("b", 75, 25),
     Stage("c", 55, 20),
     Stage("d", 115, 50),
+    Stage("f", 60, 15),
     Stage("q", 70, 35),
     Stage("s", 30, 15),
     Stage("p", 30, 15),
@@ -122,6 +130,8 @@ class Plan:
     llama_batches: tuple[int, ...]
     quant_batches: tuple[int, ...]  # stage q: fp8 weights
     ring_tokens: tuple[int, ...]  # stage s: tokens of one sp rank's block in the ring step
+    fp8_rows: tuple[int, ...]  # stage f: activation rows of the fp8 matmuls timed
+    fp8_shapes: tuple[tuple[str, int, int], ...]  # stage f: (name, K, N) of the weights
     moe: str
     moe_batches: tuple[int, ...]
     prompt: int
@@ -143,6 +153,8 @@ GPU_PLAN = Plan(
     llama_batches=(1, 16, 64),
     quant_batches=(1, 64),
     ring_tokens=(4096, 16384),
+    fp8_rows=(1, 64, 256, 8192),
+    fp8_shapes=(("gate", 4096, 14336), ("down", 14336, 4096)),
     moe="qwen3-30b-a3b",
     moe_batches=(1, 16),
     prompt=128,  # 127 prompt tokens + 96 new + 8 ahead stay within 16 pages: one decode width to compile
@@ -163,6 +175,8 @@ SMOKE_PLAN = Plan(
     llama_batches=(1, 2),
     quant_batches=(1,),
     ring_tokens=(64,),
+    fp8_rows=(1, 64),
+    fp8_shapes=(("gate", 128, 256),),
     moe="smoke-moe",
     moe_batches=(2,),
     prompt=16,
@@ -831,21 +845,144 @@ def stage_d(ctx: Ctx) -> None:
     )
 
 
-def fp8_gemms(model: str, dtype: str) -> list[str]:
-    """The custom calls and fusions of the compiled fp8 decode step that multiply fp8 operands."""
+def entry_kernels(compiled) -> tuple[int, bool]:
+    """Kernels the compiled program's entry computation launches (fusions, custom calls, copies, other
+    non-trivial ops), and whether one of them transposes."""
+    import re
+
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    trivial = ("parameter(", "tuple(", "get-tuple-element(", "bitcast(", "constant(")
+    ops = [line for line in entry.splitlines()[1:] if " = " in line and not any(t in line for t in trivial)]
+    transposes = any(re.search(r"transpose|\bcopy\(", line) for line in ops)
+    return len(ops), transposes
+
+
+def fp8_matmul(ctx: Ctx, shape: str, k: int, n: int, rows: int) -> None:
+    """One [rows, K] x [K, N] projection four ways: bf16; fp8 weights through models/quant.einsum on its
+    native path (activations quantized per row, cuBLASLt fp8) and on its weight-only path (the fp8 values
+    cast inside the dot); and the native path with the weight stored [N, K] (contracted dimension minor,
+    the layout cuBLASLt's fp8 kernels take without a transpose)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models import quant
+
+    dtype = jnp.dtype(ctx.plan.dtype)
+    kx, kw = jax.random.split(jax.random.key(0))  # made on the device: numpy took most of the stage at 8k rows
+    x = jax.random.normal(kx, (rows, k), dtype)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    q = quant.quantize(w, (0,), "fp8")
+    values_nk, scales_n = q.values.T, q.scales.reshape(n)
+    qmax = quant.FORMATS["fp8"].qmax
+
+    def through_einsum(min_rows):
+        def fn(x, q):
+            saved = quant.FP8_NATIVE_MIN_ROWS
+            quant.FP8_NATIVE_MIN_ROWS = min_rows  # read while tracing, which happens inside this call
+            try:
+                return quant.einsum("mk,kn->mn", x, q)
+            finally:
+                quant.FP8_NATIVE_MIN_ROWS = saved
+
+        return fn
+
+    def native_nk(x, values, scales):
+        amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True)
+        sx = jnp.where(amax > 0, amax / qmax, 1.0)
+        xq = (x.astype(jnp.float32) / sx).astype(quant.FP8)
+        y = jnp.einsum("mk,nk->mn", xq, values, preferred_element_type=jnp.float32)
+        return (y * sx * scales).astype(x.dtype)
+
+    variants = {
+        "bf16": (jax.jit(lambda x, w: x @ w), (x, w), w.nbytes),
+        "native": (jax.jit(through_einsum(0)), (x, q), q.values.nbytes),
+        "native [N,K]": (jax.jit(native_nk), (x, values_nk, scales_n), q.values.nbytes),
+        "weight-only": (jax.jit(through_einsum(1 << 62)), (x, q), q.values.nbytes),
+    }
+    ref = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    p, parts, fields = peaks(), [], {}
+    for label, (fn, args, wbytes) in variants.items():
+        if not ctx.smoke and ctx.left() < 3:
+            parts.append(f"{label}: skipped (stage time)")
+            continue
+        compiled = fn.lower(*args).compile()
+        t = seconds_per_call(compiled, *args, smoke=ctx.smoke)
+        kernels, transposes = entry_kernels(compiled)
+        err = float(jnp.max(jnp.abs(compiled(*args).astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+        gbs = (wbytes + x.nbytes + rows * n * dtype.itemsize) / t / 1e9
+        parts.append(
+            f"{label} {t * 1e3:.3f} ms ({gbs:.0f} GB/s, {2 * rows * k * n / t / 1e12:.0f} TFLOP/s, "
+            f"{kernels} kernels{', a transpose' if transposes else ''}, err {err:.1e})"
+        )
+        fields[label] = {"ms": t * 1e3, "kernels": kernels, "transpose": transposes, "err": err}
+    best = min((v["ms"], k_) for k_, v in fields.items() if k_ != "bf16") if len(fields) > 1 else None
+    ctx.row(
+        f"fp8 matmul {shape} K {k} N {n}, {rows} rows",
+        "measured",
+        "; ".join(parts) + (f"; fastest fp8: {best[1]}" if best else "") + ctx.speed_note(),
+        rows=rows,
+        variants=fields,
+        bandwidth_gbs=p["bw"] / 1e9,
+    )
+
+
+def stage_f(ctx: Ctx) -> None:
+    """fp8 weights in one projection: the native and weight-only paths of models/quant.einsum beside bf16,
+    at decode and prefill rows: which path each row count should take (quant.FP8_NATIVE_MIN_ROWS)."""
+    for shape, k, n in ctx.plan.fp8_shapes:
+        for rows in ctx.plan.fp8_rows:
+            name = f"fp8 matmul {shape} K {k} N {n}, {rows} rows"
+            if ctx.fits(name, ctx.plan.unit_s):
+                ctx.guarded(name, fp8_matmul, ctx, shape, k, n, rows)
+
+
+def fp8_gemms(model: str, dtype: str, tokens: int) -> tuple[list[str], list[str]]:
+    """The custom calls and fusions that multiply fp8 operands in the compiled fp8 prefill of `tokens`
+    tokens and in the one-sequence decode step."""
     import re
 
     from jaxinfer import explain
     from jaxinfer.runtime import buckets, prepare
 
     setup = prepare(model, {}, dtype=dtype, random_weights=True, quant="fp8")
-    b, t, cache_len = buckets(1, 16, 16, 1, setup.max_seq_len)
-    _, decode = explain.compile_steps(setup, explain.abstract_cache(setup, b, cache_len), b, t, 16)
-    text = decode.as_text()
-    calls = re.findall(r'custom_call_target="([^"]*f8[^"]*)"', text)
-    calls += re.findall(r"(__cublas\$lt\$matmul\$f8)", text)
-    triton = len(re.findall(r"f8e4m3fn\[[^\]]*\][^\n]*(?:dot|__triton_gemm)", text))
-    return sorted(set(calls)) + ([f"{triton} fp8 dot fusions"] if triton else [])
+    b, t, cache_len = buckets(1, tokens, 16, 1, setup.max_seq_len)
+    found = []
+    for step in explain.compile_steps(setup, explain.abstract_cache(setup, b, cache_len), b, t, tokens):
+        text = step.as_text()
+        calls = re.findall(r'custom_call_target="([^"]*f8[^"]*)"', text)
+        calls += re.findall(r"(__cublas\$lt\$matmul\$f8)", text)
+        triton = len(re.findall(r"f8e4m3fn\[[^\]]*\][^\n]*(?:dot|__triton_gemm)", text))
+        found.append(sorted(set(calls)) + ([f"{triton} fp8 dot fusions"] if triton else []))
+    return found[0], found[1]
+
+
+def _min_rows() -> int:
+    from models import quant
+
+    return quant.FP8_NATIVE_MIN_ROWS
+
+
+def measured_min_rows() -> int | None:
+    """From stage f's rows of this run: the fewest activation rows from which einsum's native fp8 path is
+    as fast as its weight-only one on every shape, at that row count and every larger one measured (1 << 30
+    when it never is); None without stage f's rows."""
+    rows = [r for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])) if r["stage"] == "f" and "variants" in r]
+    wins: dict[int, bool] = {}
+    for r in rows:
+        v = r["variants"]
+        if "native" in v and "weight-only" in v:
+            wins[r["rows"]] = wins.get(r["rows"], True) and v["native"]["ms"] <= v["weight-only"]["ms"]
+    if not wins:
+        return None
+    threshold = 1 << 30
+    for m in sorted(wins, reverse=True):
+        if not wins[m]:
+            break
+        threshold = m
+    return threshold
 
 
 def stage_q(ctx: Ctx) -> None:
@@ -854,13 +991,29 @@ def stage_q(ctx: Ctx) -> None:
         register_smoke_shapes()
     model = ctx.plan.llama
     label = "llama3-8b" if not ctx.smoke else "smoke-llama"
+    suggested = measured_min_rows()
+    if suggested is not None:
+        ctx.row(
+            "fp8 native from rows",
+            "info",
+            f"stage f's timings say {suggested}; this run uses {_min_rows()} (models/quant.FP8_NATIVE_MIN_ROWS"
+            f"{', set by GPU_CHECK_FP8_MIN_ROWS' if os.environ.get('GPU_CHECK_FP8_MIN_ROWS') else ''})",
+            value=suggested,
+        )
     if not ctx.smoke:
-        found = ctx.guarded("fp8 GEMM in the compiled decode", fp8_gemms, model, ctx.plan.dtype)
+        tokens = FP8_PREFILL_TOKENS
+        found = ctx.guarded("fp8 GEMMs in the compiled steps", fp8_gemms, model, ctx.plan.dtype, tokens)
         if found is not None:
+            prefill, decode = found
+            native = "__cublas$lt$matmul$f8"
+            # einsum's rule: native from FP8_NATIVE_MIN_ROWS rows (the prefill's), weight-only below (decode's 1)
+            expected = tokens >= _min_rows(), 1 >= _min_rows()
             ctx.row(
-                "fp8 GEMM in the compiled decode",
-                "pass" if found else "fail",
-                ", ".join(found) or "no fp8 custom call or fp8 dot fusion in the decode HLO",
+                "fp8 GEMMs in the compiled steps",
+                "pass" if ((native in prefill), (native in decode)) == expected else "fail",
+                f"prefill of {tokens} tokens: {', '.join(prefill) or 'no fp8 custom call or fp8 dot fusion'}; "
+                f"one-sequence decode: {', '.join(decode) or 'no fp8 custom call or fp8 dot fusion'}; "
+                f"cuBLASLt's fp8 GEMM expected from {_min_rows()} rows",
             )
     engine_stage(ctx, model, f"{label} fp8", ctx.plan.quant_batches, False, quant="fp8")
     bf16 = {
@@ -1149,6 +1302,7 @@ RUNNERS = {
     "d": stage_d,
     "peer": stage_peer,
     "e": stage_e,
+    "f": stage_f,
     "q": stage_q,
     "s": stage_s,
     "p": stage_p,
@@ -1160,6 +1314,10 @@ def child_main(stage: str, smoke: bool, until: float) -> None:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # the engine's sizes and timings, to the log
     ctx = Ctx(stage, SMOKE_PLAN if smoke else GPU_PLAN, smoke, until)
+    if os.environ.get("GPU_CHECK_FP8_MIN_ROWS"):
+        from models import quant
+
+        quant.FP8_NATIVE_MIN_ROWS = int(os.environ["GPU_CHECK_FP8_MIN_ROWS"])
     try:
         RUNNERS[stage](ctx)
     except Exception as e:  # rows already printed stand; this one says where the stage stopped

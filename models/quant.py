@@ -18,8 +18,9 @@ contracts the activations with the values and scales the output. What runs where
   answer down as `cpu_kernel`. `JAXINFER_CPU_KERNELS=0` keeps the XLA path.
 - everywhere else (GPU, a multi-device mesh, long prompts, other specs): XLA's dot with the values cast to
   the activations' dtype inside it (on CPU XLA writes that cast as a float copy of the weight first,
-  which made int8 decode slower than fp32 before the kernel), or on GPU for fp8 a native fp8 matmul
-  with the activations quantized per token.
+  which made int8 decode slower than fp32 before the kernel), or on GPU for fp8 with at least
+  FP8_NATIVE_MIN_ROWS activation rows (prefill, large batches) a native fp8 matmul with the activations
+  quantized per token.
 A grouped weight is dequantized inside the jitted step, one layer's weight at a time, before its
 contraction.
 
@@ -232,10 +233,22 @@ def merge_leading(w, n: int):
     return w.reshape(-1, *w.shape[n:])
 
 
-def native_fp8() -> bool:
-    """Whether fp8 weights meet fp8 activations in one native matmul (cuBLASLt on Hopper); elsewhere the
-    fp8 values are cast to the activations' dtype inside the fused contraction (weight-only)."""
-    return jax.default_backend() == "gpu"
+# Activation rows from which fp8 weights meet fp8 activations in cuBLASLt's native matmul on GPU; fewer
+# rows (decode, short chunks) cast the fp8 values to the activations' dtype inside the dot (weight-only,
+# one fused kernel). The native path adds the activations' quantization (four more kernels) and, since
+# cuBLASLt's fp8 kernels take both operands contracted on their minor dimension, a transpose of the
+# [K, N] weight in every call. Measured on an H200 (benchmarks/gpu_check.py stage f, Llama-3-8B's gate
+# projection, 2026-11-28): weight-only 0.052 / 0.058 / 0.079 ms at 1 / 64 / 256 rows against native's
+# 0.080 / 0.420 / 0.434; Llama-3-8B's fp8 decode step went from 9.57 to 5.45 ms at batch 1 (bf16: 4.97).
+# Past 256 rows nothing was measured yet: prefill chunks of 512 and more keep the native fp8 GEMM.
+FP8_NATIVE_MIN_ROWS = 512
+
+
+def native_fp8(rows: int | None = None) -> bool:
+    """Whether fp8 weights meet fp8 activations in one native matmul (cuBLASLt on Hopper) for a
+    contraction of `rows` activation rows (None: some contraction does); elsewhere the fp8 values are
+    cast to the activations' dtype inside the fused contraction (weight-only)."""
+    return jax.default_backend() == "gpu" and (rows is None or rows >= FP8_NATIVE_MIN_ROWS)
 
 
 def _broadcast_to_out(a, dims: str, out: str):
@@ -287,8 +300,8 @@ def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
 
 def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for a plain weight. A per-channel QArray: the contraction with its values
-    times the scales broadcast to the output (fp8 on GPU: a native fp8 matmul, the activations quantized
-    per token; int8 with `cpu_kernel`, at decode sizes: cpu_kernels.int8_matmul). A grouped one:
+    times the scales broadcast to the output (fp8 on GPU from FP8_NATIVE_MIN_ROWS activation rows: a
+    native fp8 matmul, the activations quantized per token; int8 with `cpu_kernel`, at decode sizes: cpu_kernels.int8_matmul). A grouped one:
     dequantized inside the step, then contracted.
 
     `cpu_kernel` says the caller runs on one CPU device with the kernel built (jaxinfer/kernels.py
@@ -307,7 +320,8 @@ def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax
         if y is not None:
             return y
     scale = _broadcast_to_out(w.scales, w_dims, out)
-    if w.values.dtype == FP8 and native_fp8():
+    rows = math.prod(n for c, n in zip(x_dims, x.shape) if c in out and c not in w_dims)
+    if w.values.dtype == FP8 and native_fp8(rows):
         contracted = tuple(i for i, c in enumerate(x_dims) if c not in out)
         amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=contracted, keepdims=True)
         sx = jnp.where(amax > 0, amax / FORMATS["fp8"].qmax, 1.0)
