@@ -45,8 +45,9 @@ Stages (default budget in seconds):
              matmuls (the masked half included) as a fraction of the bf16 peak. No target yet.
   p    (30)  `jaxinfer plan`'s predicted TPOT for the shapes of stages d (bf16) and q (fp8) at each batch they
              measured, on this card's hardware entry and calibration/gpu.json, beside the measured TPOT.
-             Target: within 25%. (gpu.json's bandwidth fraction came from an H200's batch-1 bf16 row: on an
-             H200 that row checks the fit, the others are predictions.)
+             Target: within 25%. (gpu.json's bandwidth fraction came from an H200's batch-1 bf16 row and its
+             weight_only_passes for fp8 from the batch-1 fp8 row: on an H200 those rows check the fit, the
+             others are predictions.) Then the weight_only_passes that fits this run's fp8 batch-1 row.
   peer (65)  transformers (torch, bf16, static cache, no torch.compile) on the same shapes: TPOT. Then rows
              comparing d with it (target: our TPOT below transformers').
   e    (105) Qwen3-30B-A3B shapes (61 GB in bf16; fewer layers if the card cannot hold it, said in the row),
@@ -1133,6 +1134,20 @@ def stage_p(ctx: Ctx) -> None:
             value=err,
             unit="relative error",
         )
+    for r in measured:
+        if r["stage"] == "q" and r["batch"] == min(x["batch"] for x in measured if x["stage"] == "q"):
+            mem = planner.memory_of(1, 1, "fp8")
+            if isinstance(mem, str):
+                continue
+            b, _, _ = runtime.buckets(r["batch"], ctx.plan.prompt, ctx.plan.gen, 1, ctx.plan.max_seq_len)
+            fitted = plan.fit_weight_only_passes(planner, mem, prog, b, context, r["tpot_ms"] / 1e3)
+            ctx.row(
+                "plan weight_only_passes fp8",
+                "info",
+                f"{fitted:.2f} makes batch {r['batch']}'s prediction the measured {r['tpot_ms']:.2f} ms "
+                f"(the calibration file says {cal.weight_passes('fp8', 1):.2f})" + ctx.speed_note(),
+                value=fitted,
+            )
 
 
 def moe_shape_that_fits(ctx: Ctx) -> tuple[str, str]:

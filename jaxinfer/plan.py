@@ -35,6 +35,7 @@ chunk, decode).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -50,6 +51,7 @@ from jaxinfer import config as config_lib
 from jaxinfer import explain, hlo, pipeline
 from jaxinfer.errors import JaxinferError
 from jaxinfer.hlo import group_axes
+from models import quant as quant_lib
 
 log = logging.getLogger(__name__)
 HARDWARE = Path(__file__).with_name("hardware.toml")
@@ -212,12 +214,22 @@ class Calibration:
     # Pipeline stages run their layers in lax.scan, where XLA copies each layer's weights out of the
     # stacked array before using them: the weights cross memory this many times instead of once.
     scan_weight_passes: float = 1.0
+    # Per weight format, the same for a quantized weight on the weight-only path (its values cast inside
+    # the dot: int8 and int4 always, fp8 below quant.FP8_NATIVE_MIN_ROWS rows): on an H200 XLA's fused
+    # cast-and-dot read fp8 at about half the rate cuBLAS reads bf16, so its bytes count that many times.
+    weight_only_passes: tuple[tuple[str, float], ...] = ()
     # On CPU, the peaks the fractions were fitted against (GB/s, TFLOP/s): a shared machine's measured
     # peak moves with its load, and a fraction means something only against the peak it was fitted to.
     peak_gb_s: float | None = None
     peak_tflops: float | None = None
     source: str = "none"  # the file
     measured: str = ""  # how and where it was measured
+
+    def weight_passes(self, fmt: str, rows: float) -> float:
+        """How many times a step over `rows` activation rows reads its `fmt` weights' stored bytes."""
+        if fmt == "fp8" and rows >= quant_lib.FP8_NATIVE_MIN_ROWS:
+            return 1.0  # the native fp8 GEMM
+        return dict(self.weight_only_passes).get(fmt, 1.0)
 
     def pins(self) -> dict:
         bw, fl = self.peak_gb_s, self.peak_tflops
@@ -245,11 +257,24 @@ def load_calibration(path: str | Path) -> Calibration:
         step_overhead_s=f.number("step_overhead_s", 0.0, positive=False),
         collective_latency_s=None if latency is None else f.number("collective_latency_s", positive=False),
         scan_weight_passes=f.number("scan_weight_passes", 1.0),
+        weight_only_passes=_passes_by_format(obj.get("weight_only_passes", {}), p),
         peak_gb_s=f.number("peak_gb_s"),
         peak_tflops=f.number("peak_tflops"),
         source=p.name,
         measured=str(obj.get("measured", "")),
     )
+
+
+def _passes_by_format(obj, path: Path) -> tuple[tuple[str, float], ...]:
+    formats = set(quant_lib.FORMATS)
+    if not isinstance(obj, dict) or any(
+        k not in formats or not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for k, v in obj.items()
+    ):
+        raise JaxinferError(
+            f"{path}: weight_only_passes={obj!r}: expected an object of positive numbers keyed by weight format "
+            f"({', '.join(sorted(formats))}), e.g. {{\"fp8\": 2.0}}"
+        )
+    return tuple(sorted((k, float(v)) for k, v in obj.items()))
 
 
 # --- the model's figures on a mesh ----------------------------------------------------------------
@@ -590,6 +615,7 @@ class Planner:
         # matmul_flops' attention term is tokens x keys: a later chunk's mb x kv_len / sp per rank is the
         # ring's mb / sp x kv_len, so both prefill forms price as 1/sp of the tokens against every key
         flop_tokens, attended = (mb, kv_len / sp) if decode else (mb / sp, kv_len)
+        passes *= cal.weight_passes(mem.quant, flop_tokens)
         layer_bytes = mem.stacked_read(flop_tokens) * passes / pp + kv  # the experts this rank's tokens chose
         layer_flops = explain.matmul_flops(mem.setup, flop_tokens, attended, 0) / pp
         colls = prog.decode if decode else prog.ring if ring else prog.prefill
@@ -1010,6 +1036,19 @@ def fit_scan_passes(report: dict, req: Request, hw: Hardware, dtype: str, cal: C
         for k in passes
     ]
     return float(passes[int(np.argmin(errors))])
+
+
+def fit_weight_only_passes(planner, mem, prog, batch: int, kv_len: float, measured_s: float) -> float:
+    """The weight_only_passes of `mem`'s format that makes the planner's decode step at `batch` (one
+    device, pp = 1) take `measured_s` (a TPOT measured on the GPU: benchmarks/gpu_check.py stage p)."""
+    trial = copy.copy(planner)  # shares the cached figures and programs
+    lo, hi = 0.25, 8.0
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        trial.cal = dataclasses.replace(planner.cal, weight_only_passes=((mem.quant, mid),))
+        t = trial.step_time(mem, prog, 1, batch, kv_len, True, 1)
+        lo, hi = (mid, hi) if t < measured_s else (lo, mid)
+    return math.sqrt(lo * hi)
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -341,3 +341,27 @@ def test_a_long_prompt_with_a_tight_ttft_takes_sequence_parallelism(tmp_path):
     }
     assert hand["ring"] == hand["prefill"] == [hand["decode"][0] / 2]
     assert hand["decode"][0] in (2048 * 2, 2048 * 4)  # one token's hidden state: bf16 (XLA:CPU moves it as f32)
+
+
+def test_weight_only_fp8_reads_count_the_calibrated_passes(tmp_path):
+    """On GPU a decode step's fp8 weights take the weight-only path (quant.FP8_NATIVE_MIN_ROWS), which
+    the calibration prices at weight_only_passes reads of their bytes; a long prefill chunk's native fp8
+    GEMM keeps one; and stage p of gpu_check recovers the passes from a measured TPOT."""
+    import dataclasses
+
+    req = _req(gpus_per_node=1)
+    hw = plan.load_hardware("h100-sxm")
+    base = plan.Calibration(bandwidth_fraction=0.5, flops_fraction=0.5)
+    p = plan.Planner(req, hw, base, "bfloat16")
+    mem, prog = p.memory_of(1, 1, "fp8"), p.program(1, 1, 1)
+    slow = plan.Planner(req, hw, dataclasses.replace(base, weight_only_passes=(("fp8", 2.0),)), "bfloat16")
+    decode = [q.step_time(mem, prog, 1, 1, 192, True, 1) for q in (p, slow)]
+    assert 1.8 < decode[1] / decode[0] < 2.0  # the layers' weights are most of a batch-1 step's reads
+    prefill = [q.step_time(mem, prog, 1, 2048, 2048, False, 1) for q in (p, slow)]
+    assert prefill[0] == prefill[1]
+    assert math.isclose(plan.fit_weight_only_passes(p, mem, prog, 1, 192, decode[1]), 2.0, rel_tol=1e-4)
+    assert plan.load_calibration("gpu.json").weight_passes("fp8", 1) > 1  # measured on an H200
+    bad = tmp_path / "cal.json"
+    bad.write_text(json.dumps({"weight_only_passes": {"fp9": 2}}))
+    with pytest.raises(JaxinferError, match=r"weight_only_passes=\{'fp9': 2\}: expected an object of positive numbers"):
+        plan.load_calibration(bad)
