@@ -198,7 +198,8 @@ class Ring:
         axis = dict(self.rules)["batch"]
         return "batch" if axis is None or b % self.mesh.shape[axis] == 0 else None
 
-    def _pool_spec(self, pool):
+    def pool_spec(self, pool):
+        """The PartitionSpec of a page pool (a QuantKV's values and scales) split over sp by page id."""
         values = self.spec("layers", "pages", None, "cache_heads", "head_dim")
         if isinstance(pool, QuantKV):
             return QuantKV(values, self.spec("layers", "pages", None, "cache_heads", None))
@@ -221,7 +222,7 @@ class Ring:
             return write_own_pages(kp, vp, k, v, pages, offsets, layer, jax.lax.axis_index(axis))
 
         seq = "seq" if seq_split else None
-        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        pools = (self.pool_spec(k_pool), self.pool_spec(v_pool))
         new, idx = self.spec(None, seq, "cache_heads", None), self.spec(None, seq)
         return sharding.shard_map(body, self.mesh, (*pools, new, new, idx, idx, P()), pools)(
             k_pool, v_pool, k, v, pages, offsets, jnp.asarray(layer, jnp.int32)
@@ -284,7 +285,7 @@ class Ring:
 
         bn, seq = self._batch(q.shape[0]), "seq" if seq_split else None
         qs, rows, tables = self.spec(bn, seq, "q_heads", None), self.spec(bn, seq), self.spec(bn, None)
-        pools = (self._pool_spec(k_pool), self._pool_spec(v_pool))
+        pools = (self.pool_spec(k_pool), self.pool_spec(v_pool))
         return sharding.shard_map(body, self.mesh, (qs, *pools, tables, rows, P()), qs)(
             q, k_pool, v_pool, block_tables, q_pos, jnp.asarray(layer, jnp.int32)
         )
@@ -385,7 +386,7 @@ class SeqKV:
     def dest_specs(self, batch) -> tuple:
         """Specs of (k, v) in `Ring.attention`'s shard_map; `batch`: the batch's logical name or None."""
         if self.paged:
-            return self.ring._pool_spec(self.k), self.ring._pool_spec(self.v)
+            return self.ring.pool_spec(self.k), self.ring.pool_spec(self.v)
         values = self.ring.spec("layers", batch, "cache_heads", None, "head_dim")
         if isinstance(self.k, QuantKV):
             values = QuantKV(values, self.ring.spec("layers", batch, "cache_heads", None, None))
