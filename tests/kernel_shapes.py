@@ -60,3 +60,18 @@ GROUPED_REAL = [
     for phase, tokens in (("prefill 8k", 8192), ("decode 64", 64))
     for proj, k, n in (("gate_up", d, 2 * f), ("down", f, d))
 ]
+
+# Weight-only fp8 matmul (pallas_kernels/fp8_matmul.py): (id, rows M, K, N, block_n, block_k, splits or None).
+FP8_TEST = [
+    ("one-row", 1, 256, 384, 64, 64, None),  # K split 4 ways
+    ("ragged", 3, 200, 100, 32, 64, 2),  # M, K and N that do not divide their blocks, a short last split
+    ("sixteen", 16, 128, 64, 64, 32, 1),
+    ("rows-64", 64, 96, 48, 16, 32, None),
+    ("uneven-splits", 5, 320, 32, 16, 32, 3),  # 10 K tiles over 3 splits of 4: the last has 2
+]
+# Llama-3-8B's projections at decode rows, bf16 activations: (name, rows, K, N).
+FP8_REAL = [
+    (f"llama3-8b {proj}", m, k, n)
+    for proj, k, n in (("qkv", 4096, 6144), ("gate_up", 4096, 28672), ("down", 14336, 4096), ("o", 4096, 4096))
+    for m in (1, 16, 64)
+]

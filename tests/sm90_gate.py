@@ -63,6 +63,11 @@ def cases() -> list[dict]:
             pps = ctx // ps
             name = f"{name} batch {b} context {ctx} page {ps} {kv} cache"
             out.append(_attention(name, b, heads, 8, 128, layers, b * pps + 1, ps, pps, "bfloat16", kv))
+    for dtype in ("float32", "bfloat16"):
+        for name, m, k, n, bn, bk, splits in shapes.FP8_TEST:
+            out.append(_fp8(f"test {name} {m}x{k}x{n} {dtype}", m, k, n, dtype, dict(block_n=bn, block_k=bk, splits=splits)))
+    for name, m, k, n in shapes.FP8_REAL:
+        out.append(_fp8(f"{name} {m} rows", m, k, n, "bfloat16"))
     for name, n, kh, hd, ps, b, ctx, ranks in shapes.ATTENTION_PARTIAL:
         w = ctx // ps // ranks  # the rank's column of the block table
         pool = [2, b * w + 1, ps, kh, hd]
@@ -101,15 +106,21 @@ def _grouped(name, m, k, n, g, dtype, blocks=None) -> dict:
     }
 
 
+def _fp8(name, m, k, n, dtype, kwargs=None) -> dict:
+    args = [([m, k], dtype), ([k, n], "float8_e4m3fn"), ([n], "float32")]
+    return {"name": f"fp8_matmul {name}", "kernel": "fp8_matmul", "args": args, "dtype": dtype, "kwargs": kwargs or {}}
+
+
 def lower(case: dict) -> list[dict]:
     """The Triton IR text and launch parameters of every pallas_call in the case's jitted kernel."""
     import jax
     from jax._src.pallas.triton import lowering
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-    from pallas_kernels import moe, paged_attention
+    from pallas_kernels import fp8_matmul, moe, paged_attention
 
     fn = {
+        "fp8_matmul": fp8_matmul.fp8_matmul,
         "paged_attention": paged_attention.paged_attention,
         "paged_attention_partial": paged_attention.paged_attention_partial,
         "grouped_matmul": moe.grouped_matmul,

@@ -80,7 +80,7 @@ KV_QUANT_KERNEL_TESTS = (
 def test_kernel_interpret_tests_pass_on_jax_0_11(gate_python):
     r = subprocess.run(
         [str(gate_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_paged_attention.py"]
-        + ["tests/test_moe_kernel.py"]
+        + ["tests/test_moe_kernel.py", "tests/test_fp8_matmul.py"]
         + [f"tests/test_kv_quant.py::{t}" for t in KV_QUANT_KERNEL_TESTS],
         cwd=ROOT,
         capture_output=True,
