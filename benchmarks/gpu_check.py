@@ -33,13 +33,15 @@ Stages (default budget in seconds):
              nameplate bandwidth. Target: MBU >= 75% at batch 1.
   f    (60)  fp8 weights in one projection (Llama-3-8B's gate and down shapes) at 1, 64, 256 and 8192 rows:
              bf16, models/quant.einsum's native fp8 path (activations quantized per row, cuBLASLt fp8) and its
-             weight-only path (fp8 values cast inside the dot), and the native path on a weight stored [N, K];
+             weight-only path (fp8 values cast inside the dot), the native path on a weight stored [N, K], and
+             at decode rows (<= 64) our Pallas kernel (pallas_kernels/fp8_matmul);
              time, GB/s, kernels launched, error: what quant.FP8_NATIVE_MIN_ROWS (the rows from which einsum
              takes the native path) should be; stage q says it beside the value in use
              (GPU_CHECK_FP8_MIN_ROWS=N runs every stage with another).
-  q    (70)  fp8 weights (quant="fp8") on the same shapes: whether the compiled prefill of 1024 tokens multiplies
+  q    (110) fp8 weights (quant="fp8") on the same shapes: whether the compiled prefill of 1024 tokens multiplies
              fp8 operands (cuBLASLt's f8 custom call) and what the one-sequence decode runs, then TPOT and MBU
-             at batch 1 and 64 beside d's bf16 rows. Target: >= 1.6x faster than bf16 at batch 1.
+             at batch 1 and 64 beside d's bf16 rows, on XLA's path (the default) and with fp8_kernel="pallas".
+             Target: >= 1.6x faster than bf16 at batch 1.
   s    (30)  sequence parallelism: one ring step's attention (the per-rank body of models/ring_attention.py on a
              one-device sp axis) on blocks of 4k and 16k tokens, stage b's heads, bf16: TFLOP/s of the block's
              matmuls (the masked half included) as a fraction of the bf16 peak. No target yet.
@@ -109,7 +111,7 @@ STAGES = (
     Stage("c", 55, 20),
     Stage("d", 115, 50),
     Stage("f", 60, 15),
-    Stage("q", 70, 35),
+    Stage("q", 110, 35),
     Stage("s", 30, 15),
     Stage("p", 30, 15),
     Stage("peer", 65, 30),
@@ -784,7 +786,7 @@ def engine_batch(ctx: Ctx, llm, label: str, batch: int, target: tuple[str, float
     )
 
 
-def build_llm(ctx: Ctx, model: str, batches, moe: bool, quant: str = "none"):
+def build_llm(ctx: Ctx, model: str, batches, moe: bool, quant: str = "none", fp8_kernel: str = "auto"):
     import jaxinfer
 
     plan = ctx.plan
@@ -802,12 +804,21 @@ def build_llm(ctx: Ctx, model: str, batches, moe: bool, quant: str = "none"):
         attention=kernel,
         unroll_layers={"on": True, "off": False}.get(os.environ.get("GPU_CHECK_UNROLL", "auto")),
         quant=quant,
+        fp8_kernel="interpret" if ctx.smoke and fp8_kernel == "pallas" else fp8_kernel,
         **({"moe_kernel": kernel} if moe else {}),
     )
 
 
 def engine_stage(
-    ctx: Ctx, model: str, label: str, batches, moe: bool, note: str = "", targets=None, quant: str = "none"
+    ctx: Ctx,
+    model: str,
+    label: str,
+    batches,
+    moe: bool,
+    note: str = "",
+    targets=None,
+    quant: str = "none",
+    fp8_kernel: str = "auto",
 ) -> None:
     import numpy as np
 
@@ -815,8 +826,10 @@ def engine_stage(
 
     peaks()  # before the weights: an unknown card's copy measurement needs a few free GB
     t0 = time.time()
-    llm = build_llm(ctx, model, batches, moe, quant)
+    llm = build_llm(ctx, model, batches, moe, quant, fp8_kernel)
     what, ok = attention_in_use(llm)
+    if llm.setup.fp8_matmul is not None:
+        what += f"; fp8 decode matmul: {llm.setup.fp8_matmul}"
     cfg, dtype = llm.config, np.dtype(llm.dtype)
     ctx.row(
         f"{label} attention implementation",
@@ -861,10 +874,10 @@ def entry_kernels(compiled) -> tuple[int, bool]:
 
 
 def fp8_matmul(ctx: Ctx, shape: str, k: int, n: int, rows: int) -> None:
-    """One [rows, K] x [K, N] projection four ways: bf16; fp8 weights through models/quant.einsum on its
-    native path (activations quantized per row, cuBLASLt fp8) and on its weight-only path (the fp8 values
-    cast inside the dot); and the native path with the weight stored [N, K] (contracted dimension minor,
-    the layout cuBLASLt's fp8 kernels take without a transpose)."""
+    """One [rows, K] x [K, N] projection: bf16; fp8 weights through models/quant.einsum on its native path
+    (activations quantized per row, cuBLASLt fp8) and on its weight-only path (the fp8 values cast inside
+    the dot); the native path with the weight stored [N, K] (contracted dimension minor, the layout
+    cuBLASLt's fp8 kernels take without a transpose); and at decode rows pallas_kernels/fp8_matmul."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -897,12 +910,17 @@ def fp8_matmul(ctx: Ctx, shape: str, k: int, n: int, rows: int) -> None:
         y = jnp.einsum("mk,nk->mn", xq, values, preferred_element_type=jnp.float32)
         return (y * sx * scales).astype(x.dtype)
 
+    from pallas_kernels import fp8_matmul as fm
+
     variants = {
         "bf16": (jax.jit(lambda x, w: x @ w), (x, w), w.nbytes),
         "native": (jax.jit(through_einsum(0)), (x, q), q.values.nbytes),
         "native [N,K]": (jax.jit(native_nk), (x, values_nk, scales_n), q.values.nbytes),
         "weight-only": (jax.jit(through_einsum(1 << 62)), (x, q), q.values.nbytes),
     }
+    if rows <= fm.MAX_ROWS:  # pallas_kernels/fp8_matmul, the decode kernel fp8_kernel="pallas" takes
+        kernel = functools.partial(fm.fp8_matmul, interpret=ctx.smoke)
+        variants["pallas"] = (jax.jit(kernel), (x, q.values, q.scales.reshape(n)), q.values.nbytes)
     ref = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
     p, parts, fields = peaks(), [], {}
     for label, (fn, args, wbytes) in variants.items():
@@ -1017,6 +1035,9 @@ def stage_q(ctx: Ctx) -> None:
                 f"cuBLASLt's fp8 GEMM expected from {_min_rows()} rows",
             )
     engine_stage(ctx, model, f"{label} fp8", ctx.plan.quant_batches, False, quant="fp8")
+    # The same with pallas_kernels/fp8_matmul at decode rows (fp8_kernel="pallas"; "auto" keeps XLA until
+    # these rows show the kernel faster).
+    engine_stage(ctx, model, f"{label} fp8 kernel", ctx.plan.quant_batches, False, quant="fp8", fp8_kernel="pallas")
     bf16 = {
         r["batch"]: r for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])) if r["stage"] == "d" and "tpot_ms" in r
     }
@@ -1025,8 +1046,9 @@ def stage_q(ctx: Ctx) -> None:
             continue
         ratio = bf16[r["batch"]]["tpot_ms"] / r["tpot_ms"]
         target = 1.6 if r["batch"] == 1 else None
+        path = "Pallas kernel" if r["model"].endswith("kernel") else "XLA"
         ctx.row(
-            f"fp8 vs bf16 TPOT batch {r['batch']}",
+            f"fp8 ({path}) vs bf16 TPOT batch {r['batch']}",
             judged(ctx, None if target is None else ratio >= target),
             f"fp8 {r['tpot_ms']:.2f} ms, bf16 {bf16[r['batch']]['tpot_ms']:.2f} ms: {ratio:.2f}x faster"
             + (f"; target >= {target}x" if target else "")
@@ -1103,7 +1125,11 @@ def stage_p(ctx: Ctx) -> None:
     if kind is None:
         ctx.row("plan vs measured", "skip", f"{peaks()['kind']} has no entry in jaxinfer/hardware.toml")
         return
-    measured = [r for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"])) if r["stage"] in "dq" and "tpot_ms" in r]
+    measured = [  # the runtime's default paths (stage q's Pallas-kernel rows are not what plan models)
+        r
+        for r in read_rows(Path(os.environ["GPU_CHECK_JSONL"]))
+        if r["stage"] in "dq" and "tpot_ms" in r and not r.get("model", "").endswith("kernel")
+    ]
     if not measured:
         ctx.row("plan vs measured", "skip", "stages d and q measured no TPOT in this run")
         return

@@ -72,6 +72,13 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "moe_kernel", "auto", ["auto", "pallas", "interpret", "xla"], "MoE: the grouped expert matmul implementation."
 )
+flags.DEFINE_enum(
+    "fp8_kernel",
+    "auto",
+    ["auto", "pallas", "interpret", "xla"],
+    "fp8 weights at decode rows on one GPU: pallas (pallas_kernels/fp8_matmul), interpret, xla, or auto "
+    "(XLA's cast-and-dot until the kernel is measured faster; logged).",
+)
 flags.DEFINE_integer("batch", 1, "explain: batch size of the steps to compile.")
 flags.DEFINE_integer("prompt_len", 128, "explain/bench: prompt length in tokens.")
 flags.DEFINE_integer("gen_len", 128, "explain/bench: new tokens per sequence (sizes the KV cache).")
@@ -179,6 +186,7 @@ def _llm_kwargs(max_num_seqs: int | None = None) -> dict:
         quant=FLAGS.quant,
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         quantize_head=FLAGS.quantize_head,
+        fp8_kernel=FLAGS.fp8_kernel,
     )
 
 

@@ -1,11 +1,12 @@
-"""Which implementation decode attention, the grouped expert matmul and int8 weights' contractions use,
+"""Which implementation decode attention, the grouped expert matmul and int8 and fp8 weights' contractions use,
 and why.
 
 Decided once per model, before any weight is read: "auto" takes the Pallas kernel on a GPU when it
 compiles and runs at the model's head and expert sizes, the XLA path elsewhere; an explicit "pallas"
 that cannot serve the model raises. Every choice carries its reason, which `LLM` logs and `explain` and
 `bench` print, so no fallback is silent. The int8 matmul has no option: the CPU kernel wherever it
-applies and builds (JAXINFER_CPU_KERNELS=0 turns it off), XLA elsewhere.
+applies and builds (JAXINFER_CPU_KERNELS=0 turns it off), XLA elsewhere. The fp8 decode matmul's "auto"
+is XLA's path until the Pallas kernel is measured on a GPU.
 """
 
 from __future__ import annotations
@@ -122,6 +123,34 @@ def int8_matmul(quant: str, mesh: jax.sharding.Mesh) -> Choice | None:
     if why is not None:
         return Choice("xla", f"the kernel is unavailable: {why}")
     return Choice("cpu", "one pass over each int8 weight at decode and short-prompt sizes (cpu_kernels/int8_matmul)")
+
+
+def fp8_matmul(quant: str, mesh: jax.sharding.Mesh, dtype, requested: str) -> Choice | None:
+    """The per-channel fp8 contraction at decode rows (models/quant.einsum) of a model held in fp8:
+    pallas_kernels/fp8_matmul on a one-device GPU mesh when asked for ("pallas"; "interpret" runs it on
+    CPU), XLA's fused cast-and-dot otherwise. "auto" keeps XLA until the kernel is measured faster on a
+    GPU (benchmarks/gpu_check.py stage f). None for a model not held in fp8."""
+    check("fp8_kernel", requested)
+    if quant != "fp8":
+        return None
+    if requested in ("auto", "xla"):
+        why = "fp8_kernel='xla' was asked for" if requested == "xla" else (
+            "XLA's cast-and-dot, the measured path; the Pallas kernel awaits its GPU measurement "
+            "(fp8_kernel='pallas' takes it)"
+        )
+        return Choice("xla", why)
+    if mesh.devices.size > 1:
+        raise JaxinferError(
+            f"fp8_kernel={requested!r} runs on one device and this mesh has {mesh.devices.size} (GSPMD cannot "
+            "partition a Pallas call); use fp8_kernel='auto'"
+        )
+    from pallas_kernels import fp8_matmul as fm
+
+    def probe():
+        x = jnp.zeros((1, 256), dtype)
+        fm.fp8_matmul(x, jnp.zeros((256, 256), fm.FP8), jnp.ones(256, jnp.float32)).block_until_ready()
+
+    return choose("fp8_kernel", requested, probe)
 
 
 def grouped_matmul(cfg: ModelConfig, dtype, requested: str) -> Choice:

@@ -56,7 +56,9 @@ class LLM:
     GGUF Q8_0/Q4_0 -- stays as stored, others load at dtype), "none" (everything at dtype), "int8" / "fp8"
     (per-output-channel scales), "int4" (groups of 128 inputs, two values per byte): the attention, MLP
     and expert projections, quantized while loading (models/quant.py); quantize_head=True quantizes
-    the output head (or a tied embedding) too.
+    the output head (or a tied embedding) too. fp8_kernel "auto" | "pallas" | "interpret" | "xla": fp8
+    weights' contractions at decode rows on one GPU through pallas_kernels/fp8_matmul ("pallas"), or
+    XLA's fused cast-and-dot (auto, until the kernel is measured faster on a GPU).
     kv_cache_dtype: "auto" (the activation dtype), "int8" or "fp8": the KV cache (paged and contiguous) stored
     in 8 bits with a float32 scale per token and kv head, dequantized inside attention (models/kv_cache.py).
     """
@@ -86,6 +88,7 @@ class LLM:
         quant: str = "auto",
         kv_cache_dtype: str = "auto",
         quantize_head: bool = False,
+        fp8_kernel: str = "auto",
     ):
         t0 = time.perf_counter()
         compile_cache.enable(compilation_cache)
@@ -111,6 +114,7 @@ class LLM:
             quant=quant,
             kv_cache_dtype=kv_cache_dtype,
             quantize_head=quantize_head,
+            fp8_kernel=fp8_kernel,
         )
         sp = setup.mesh.shape["sp"]
         if num_pages is not None and (num_pages % sp or num_pages < 2 * sp):

@@ -97,6 +97,7 @@ class Setup:
     attention: kernels.Choice | None = None  # paged decode attention: implementation and why
     moe_kernel: kernels.Choice | None = None  # the routed experts' grouped matmul (MoE models)
     int8_matmul: kernels.Choice | None = None  # int8 weights' contractions (models held in int8)
+    fp8_matmul: kernels.Choice | None = None  # fp8 weights' contractions at decode rows (models held in fp8)
     quant: str = "none"  # weights as held: "none", or a format of models/quant.py ("auto" resolved)
     kv_cache_dtype: str = "auto"  # KV-cache storage: "auto" = the activation dtype
 
@@ -114,7 +115,16 @@ class Setup:
             out["expert matmul"] = str(self.moe_kernel)
         if self.int8_matmul is not None:
             out["int8 matmul"] = str(self.int8_matmul)
+        if self.fp8_matmul is not None:
+            out["fp8 decode matmul"] = str(self.fp8_matmul)
         return out
+
+    def weight_kernel(self) -> str | None:
+        """The kernel the model's quantized contractions may take (models/quant.einsum's `kernel`)."""
+        for choice in (self.int8_matmul, self.fp8_matmul):
+            if choice is not None and choice.impl != "xla":
+                return choice.impl
+        return None
 
     def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
         """The abstract model (no weights made) split into graph and state."""
@@ -130,7 +140,7 @@ class Setup:
                 pipeline=pipeline,
                 moe=self.moe,
                 quant_mode=self.quant,
-                cpu_int8=self.int8_matmul is not None and self.int8_matmul.impl == "cpu",
+                weight_kernel=self.weight_kernel(),
             )
         )
         return nnx.split(model)
@@ -270,6 +280,7 @@ def prepare(
     quant: str = "auto",
     kv_cache_dtype: str = "auto",
     quantize_head: bool = False,
+    fp8_kernel: str = "auto",
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights. `model` names a
     checkpoint or a built-in shape, or is a ModelConfig: a shape without weights, named by nothing (for
@@ -281,6 +292,7 @@ def prepare(
         raise JaxinferError(f"moe_dispatch={moe_dispatch!r}; use one of {', '.join(DISPATCH_MODES)}")
     kernels.check("moe_kernel", moe_kernel)
     kernels.check("attention", attention)
+    kernels.check("fp8_kernel", fp8_kernel)
     overrides = None
     if mesh is not None:
         preset = sharding.load_preset(mesh)
@@ -345,6 +357,9 @@ def prepare(
     setup.int8_matmul = kernels.int8_matmul(quant, device_mesh)
     if setup.int8_matmul is not None:
         log.info("int8 matmul: %s", setup.int8_matmul)
+    setup.fp8_matmul = kernels.fp8_matmul(quant, device_mesh, dt, fp8_kernel)
+    if setup.fp8_matmul is not None:
+        log.info("fp8 decode matmul: %s", setup.fp8_matmul)
     setup.graphdef, abstract = setup.build()
     params = checkpoint.abstract_params(cfg, device_mesh, rules, dt, quant)  # in the checkpoint's own layout
     for path, var in nnx.to_flat_state(abstract):

@@ -275,14 +275,14 @@ def block(
     kv_len: int,
     kernel=None,
     moe=None,
-    cpu_int8: bool = False,
+    weight_kernel: str | None = None,
 ):
     """Decoder layer `layer` on its parameters `p`; writes this step's keys/values into the whole cache
     in place (a loop carry) and attends to that layer's first `kv_len` positions. A layer whose
     parameters hold a router runs routed experts (`moe`, a models.moe.MoE) in place of the MLP.
-    `cpu_int8`: int8 weights may take the CPU kernel (models/quant.einsum's `cpu_kernel`)."""
+    `weight_kernel`: the kernel quantized weights may take (models/quant.einsum's `kernel`)."""
     eps = cfg.rms_norm_eps
-    mm = functools.partial(quant.einsum, cpu_kernel=cpu_int8)
+    mm = functools.partial(quant.einsum, kernel=weight_kernel)
     with jax.named_scope("attn"):
         h = rms_norm(x, p["attn_norm"], eps)
         q = mm("btd,dnh->btnh", h, p["wq"])  # [B, T, D] -> [B, T, N, H]
@@ -325,7 +325,7 @@ def _take(x, start: int, stop: int):
 
 
 def run_layers(
-    stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None, cpu_int8=False
+    stacked: dict, x, cache, positions, cos, sin, *, cfg, kv_repeat, kv_len, kernel, moe=None, weight_kernel=None
 ):
     """The layers in `stacked` (stacked arrays, or one array per layer), in order; `cache` holds just
     those layers. A model mixing dense and routed layers runs each run of one kind as its own loop
@@ -342,16 +342,16 @@ def run_layers(
         mlp = ROUTED_MLP if kind else DENSE_MLP
         part = {k: _take(v, start, stop) for k, v in stacked.items() if k not in DENSE_MLP + ROUTED_MLP}
         part |= {k: _take(stacked[k], first, first + stop - start) for k in mlp}
-        x, cache = _loop(part, x, cache, positions, cos, sin, start, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8)
+        x, cache = _loop(part, x, cache, positions, cos, sin, start, cfg, kv_repeat, kv_len, kernel, moe, weight_kernel)
         start = stop
     return x, cache
 
 
-def _loop(stacked, x, cache, positions, cos, sin, offset, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8):
+def _loop(stacked, x, cache, positions, cos, sin, offset, cfg, kv_repeat, kv_len, kernel, moe, weight_kernel):
     def layer_step(carry, layer):
         x, cache = carry
         lp, i = layer
-        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel, moe, cpu_int8), None
+        return block(lp, x, positions, cache, i, cos, sin, cfg, kv_repeat, kv_len, kernel, moe, weight_kernel), None
 
     n = _length(stacked["wq"])
     if isinstance(stacked["wq"], (list, tuple)):
@@ -384,14 +384,15 @@ class Llama(nnx.Module):
         pipeline=None,
         moe=None,
         quant_mode: str = "none",
-        cpu_int8: bool = False,
+        weight_kernel: str | None = None,
     ):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.attention_kernel = attention_kernel  # decode attention over pages; None: the XLA path
         self.pipeline = pipeline  # jaxinfer.pipeline.Pipeline over pp stages, or None
         self.moe = moe  # models.moe.MoE for the routed layers, or None
-        self.cpu_int8 = cpu_int8  # int8 contractions may call the CPU kernel (jaxinfer/kernels.int8_matmul)
+        # the kernel quantized contractions may call ("cpu": int8, "pallas"/"interpret": fp8; jaxinfer/kernels.py)
+        self.weight_kernel = weight_kernel
         spec = weights(cfg)
         self.stacked = tuple(name for name, w in spec.items() if w.stacked)
 
@@ -418,7 +419,7 @@ class Llama(nnx.Module):
             kv_len=kv_len,
             kernel=self.attention_kernel,
             moe=self.moe,
-            cpu_int8=self.cpu_int8,
+            weight_kernel=self.weight_kernel,
         )
         if self.pipeline is None:
             x, cache = run(stacked, x, cache, positions, cos, sin)
@@ -427,7 +428,7 @@ class Llama(nnx.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)  # [B, T, D] -> [B, 1, D]
         x = rms_norm(x, p["final_norm"], self.cfg.rms_norm_eps)
-        mm = functools.partial(quant.einsum, cpu_kernel=self.cpu_int8)
+        mm = functools.partial(quant.einsum, kernel=self.weight_kernel)
         if self.cfg.tie_word_embeddings:
             logits = mm("btd,vd->btv", x, p["embed"], preferred_element_type=jnp.float32)
         else:

@@ -15,7 +15,9 @@ contracts the activations with the values and scales the output. What runs where
   head and the tied embedding included): cpu_kernels/int8_matmul, one XLA FFI call that reads each
   int8 byte once and widens it in registers. jaxinfer/kernels.int8_matmul decides once per model whether it applies (the
   kernel built, the mesh one CPU device; GSPMD cannot partition an FFI call) and the model passes the
-  answer down as `cpu_kernel`. `JAXINFER_CPU_KERNELS=0` keeps the XLA path.
+  answer down as einsum's `kernel`. `JAXINFER_CPU_KERNELS=0` keeps the XLA path.
+- fp8 on one GPU with `fp8_kernel="pallas"`, at most pallas_kernels.fp8_matmul.MAX_ROWS rows (decode):
+  that kernel, which widens each fp8 tile in registers (jaxinfer/kernels.fp8_matmul decides it).
 - everywhere else (GPU, a multi-device mesh, long prompts, other specs): XLA's dot with the values cast to
   the activations' dtype inside it (on CPU XLA writes that cast as a float copy of the weight first,
   which made int8 decode slower than fp32 before the kernel), or on GPU for fp8 with at least
@@ -40,6 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from cpu_kernels import int8_matmul as cpu_int8
+from pallas_kernels import fp8_matmul
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 GROUPS = (128, 64, 32, 16)  # int4 group sizes, the first that divides the input dimension
@@ -270,13 +273,13 @@ def _broadcast_to_out(a, dims: str, out: str):
 KERNEL_MAX_ROWS = 128
 
 
-def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
-    """The contraction as cpu_kernels.int8_matmul's 2-D [M, K] x [K, N] (or [N, K]) product, by reshapes
-    of contiguous dimensions only, or None where it does not map (then the caller takes the XLA path):
-    x's contracted dimensions must trail it in the weight's order, the weight must be all contracted
-    dimensions then all output ones (kn: wq [embed, heads, head_dim]) or the reverse (nk: the tied
-    embedding [vocab, embed]), and the output must be x's other dimensions then the weight's outputs.
-    Long prompts (M > KERNEL_MAX_ROWS) keep XLA's dot, compute bound there and blocked for the cache."""
+def _as_matrix_product(x_dims: str, w_dims: str, out: str, x, w: QArray):
+    """The contraction as a 2-D product [M, K] x [K, N] (or [N, K]) by reshapes of contiguous dimensions
+    only: (x [M, K], values [K, N] or [N, K], scales [N], transposed, the output's shape), or None where it
+    does not map (then the caller takes the XLA path). x's contracted dimensions must trail it in the
+    weight's order, the weight must be all contracted dimensions then all output ones (kn: wq [embed,
+    heads, head_dim]) or the reverse (nk: the tied embedding [vocab, embed]), and the output must be x's
+    other dimensions then the weight's outputs."""
     contracted = "".join(c for c in x_dims if c in w_dims and c not in out)
     rows = x_dims[: len(x_dims) - len(contracted)]
     outs = "".join(c for c in w_dims if c not in contracted)
@@ -289,24 +292,44 @@ def _cpu_kernel(x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
     else:
         return None
     m = math.prod(x.shape[: len(rows)])
-    if m > KERNEL_MAX_ROWS:
-        return None
     n_shape = w.values.shape[len(contracted) :] if not transposed else w.values.shape[: len(outs)]
     k, n = math.prod(x.shape[len(rows) :]), math.prod(n_shape)
     values = w.values.reshape((n, k) if transposed else (k, n))
-    y = cpu_int8.int8_matmul(x.reshape(m, k), values, w.scales.reshape(n), transposed=transposed)
-    return y.reshape(*x.shape[: len(rows)], *n_shape).astype(out_dtype)
+    return x.reshape(m, k), values, w.scales.reshape(n), transposed, (*x.shape[: len(rows)], *n_shape)
 
 
-def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax.Array:
+def _kernel_product(kernel: str, x_dims: str, w_dims: str, out: str, x, w: QArray, out_dtype):
+    """The contraction through a kernel (`kernel`: "cpu" for int8 on CPU, "pallas" or "interpret" for
+    fp8), or None where the kernel does not apply and the caller takes the XLA path: a contraction that
+    is no plain matrix product, more rows than the kernel is for (long prompts stay on XLA's dot, compute
+    bound there), or a transposed fp8 weight (the tied head)."""
+    if kernel == "cpu" and w.values.dtype == np.int8:
+        product = _as_matrix_product(x_dims, w_dims, out, x, w)
+        if product is None or product[0].shape[0] > KERNEL_MAX_ROWS:
+            return None
+        x2, values, scales, transposed, shape = product
+        return cpu_int8.int8_matmul(x2, values, scales, transposed=transposed).reshape(shape).astype(out_dtype)
+    if kernel in ("pallas", "interpret") and w.values.dtype == FP8:
+        product = _as_matrix_product(x_dims, w_dims, out, x, w)
+        if product is None or product[3] or product[0].shape[0] > fp8_matmul.MAX_ROWS:
+            return None
+        x2, values, scales, _, shape = product
+        y = fp8_matmul.fp8_matmul(x2, values, scales, interpret=kernel == "interpret")
+        return y.reshape(shape).astype(out_dtype)
+    return None
+
+
+def einsum(spec: str, x: jax.Array, w, *, kernel: str | None = None, **kw) -> jax.Array:
     """`jnp.einsum(spec, x, w)` for a plain weight. A per-channel QArray: the contraction with its values
     times the scales broadcast to the output (fp8 on GPU from FP8_NATIVE_MIN_ROWS activation rows: a
-    native fp8 matmul, the activations quantized per token; int8 with `cpu_kernel`, at decode sizes: cpu_kernels.int8_matmul). A grouped one:
-    dequantized inside the step, then contracted.
+    native fp8 matmul, the activations quantized per token). A grouped one: dequantized inside the step,
+    then contracted.
 
-    `cpu_kernel` says the caller runs on one CPU device with the kernel built (jaxinfer/kernels.py
-    decides it once per model): an FFI call cannot be partitioned by GSPMD, so over a mesh of several
-    devices the XLA path, which XLA shards, is kept."""
+    `kernel` names the kernel the caller may take for its format (jaxinfer/kernels.py decides it once
+    per model): "cpu" for int8 on one CPU device (cpu_kernels.int8_matmul, at most KERNEL_MAX_ROWS rows),
+    "pallas" or "interpret" for fp8 on one GPU (pallas_kernels.fp8_matmul, at most its MAX_ROWS rows).
+    Neither call can be partitioned by GSPMD, so over a mesh of several devices the XLA path, which XLA
+    shards, is kept."""
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kw)
     out_dtype = kw.pop("preferred_element_type", None) or x.dtype
@@ -315,8 +338,8 @@ def einsum(spec: str, x: jax.Array, w, *, cpu_kernel: bool = False, **kw) -> jax
     if w.values.dtype == np.uint8 or any(s != 1 for c, s in zip(w_dims, w.scales.shape) if c not in out):
         # grouped: a scale covers part of an output channel's inputs, so it cannot scale the output
         return jnp.einsum(spec, x, dequantize(w, x.dtype), preferred_element_type=out_dtype, **kw)
-    if cpu_kernel and not kw and w.values.dtype == np.int8:
-        y = _cpu_kernel(x_dims, w_dims, out, x, w, out_dtype)
+    if kernel and not kw:
+        y = _kernel_product(kernel, x_dims, w_dims, out, x, w, out_dtype)
         if y is not None:
             return y
     scale = _broadcast_to_out(w.scales, w_dims, out)

@@ -86,7 +86,7 @@ def test_einsum_takes_the_kernel_at_decode_sizes(built, spec, xs, ws, in_axes, d
     w = quant.quantize(jnp.asarray(rng.standard_normal(ws, np.float32)), in_axes)
     head = dict(preferred_element_type=jnp.float32) if spec.endswith("btv") else {}
     xla = lambda x, w: quant.einsum(spec, x, w, **head)
-    ours = lambda x, w: quant.einsum(spec, x, w, cpu_kernel=True, **head)
+    ours = lambda x, w: quant.einsum(spec, x, w, kernel="cpu", **head)
     assert _is_kernel(ours, x, w) and not _is_kernel(xla, x, w)
     got, want = jax.jit(ours)(x, w), jax.jit(xla)(x, w)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -105,10 +105,10 @@ def test_einsum_takes_the_kernel_at_decode_sizes(built, spec, xs, ws, in_axes, d
 def test_einsum_keeps_xla_for_prefill_and_other_layouts(built):
     w = quant.quantize(jnp.ones((64, 4, 16)), (0,))
     prefill = jnp.ones((1, quant.KERNEL_MAX_ROWS + 1, 64))
-    assert not _is_kernel(lambda x, w: quant.einsum("btd,dnh->btnh", x, w, cpu_kernel=True), prefill, w)
+    assert not _is_kernel(lambda x, w: quant.einsum("btd,dnh->btnh", x, w, kernel="cpu"), prefill, w)
     # output dimensions out of the weight's order would need a transpose: XLA's
-    assert not _is_kernel(lambda x, w: quant.einsum("btd,dnh->bthn", x, w, cpu_kernel=True), prefill[:, :1], w)
-    assert jax.jit(lambda x, w: quant.einsum("btd,dnh->bthn", x, w, cpu_kernel=True))(prefill[:, :1], w).shape == (
+    assert not _is_kernel(lambda x, w: quant.einsum("btd,dnh->bthn", x, w, kernel="cpu"), prefill[:, :1], w)
+    assert jax.jit(lambda x, w: quant.einsum("btd,dnh->bthn", x, w, kernel="cpu"))(prefill[:, :1], w).shape == (
         1,
         1,
         16,

@@ -287,3 +287,28 @@ def test_quantize_head_equals_dequantized_head(tiny_dir, arch, fmt):
 def test_quantize_head_needs_a_quant_mode(tiny_dir):
     with pytest.raises(JaxinferError, match="quantize_head=True needs a quantized model"):
         jaxinfer.LLM(str(tiny_dir("llama3")), quantize_head=True)
+
+
+def test_the_fp8_decode_kernel_gives_the_xla_paths_tokens(tiny_dir):
+    """fp8_kernel="interpret" runs pallas_kernels/fp8_matmul (interpret mode) for the decode-row
+    contractions: greedy tokens and scores equal XLA's cast-and-dot path; "auto" keeps XLA and says why;
+    over a mesh of several devices the kernel is refused before any weight is read."""
+    w = quant.quantize(jnp.asarray(np.random.default_rng(0).normal(size=(64, 4, 16)), jnp.float32), (0,), "fp8")
+    for rows, kernel in ((1, True), (64, True), (65, False)):  # decode rows take it, a longer prompt does not
+        jaxpr = str(jax.make_jaxpr(lambda x: quant.einsum("btd,dnh->btnh", x, w, kernel="interpret"))(
+            jnp.zeros((1, rows, 64), jnp.float32)))
+        assert ("pallas_call" in jaxpr) == kernel, rows
+    path = str(tiny_dir("llama3"))
+    ours = jaxinfer.LLM(path, quant="fp8", fp8_kernel="interpret", max_num_seqs=2)
+    assert ours.setup.fp8_matmul.impl == "interpret" and ours.setup.weight_kernel() == "interpret"
+    assert "fp8 decode matmul" in ours.setup.kernel_report()
+    xla = jaxinfer.LLM(path, quant="fp8", max_num_seqs=2)
+    assert xla.setup.fp8_matmul.impl == "xla" and "awaits its GPU measurement" in xla.setup.fp8_matmul.why
+    params = jaxinfer.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [IDS[:7], IDS[3:15]]
+    assert [c.token_ids for c in ours.generate(prompts, params)] == [c.token_ids for c in xla.generate(prompts, params)]
+    assert rel_err(ours.score(IDS), xla.score(IDS)) < 1e-4
+    with pytest.raises(JaxinferError, match=r"fp8_kernel='interpret' runs on one device and this mesh has 2"):
+        jaxinfer.LLM(path, quant="fp8", fp8_kernel="interpret", tp=2)
+    with pytest.raises(JaxinferError, match=r"fp8_kernel='triton'; use one of auto, pallas, interpret, xla"):
+        jaxinfer.LLM(path, quant="fp8", fp8_kernel="triton")
