@@ -216,7 +216,8 @@ class Calibration:
     scan_weight_passes: float = 1.0
     # Per weight format, the same for a quantized weight on the weight-only path (its values cast inside
     # the dot: int8 and int4 always, fp8 below quant.FP8_NATIVE_MIN_ROWS rows): on an H200 XLA's fused
-    # cast-and-dot read fp8 at about half the rate cuBLAS reads bf16, so its bytes count that many times.
+    # cast-and-dot read fp8 at about half the rate cuBLAS reads bf16, so its bytes count that many times
+    # (in place of the one read of the matmul; a scanned stage's copy adds its own passes at full speed).
     weight_only_passes: tuple[tuple[str, float], ...] = ()
     # On CPU, the peaks the fractions were fitted against (GB/s, TFLOP/s): a shared machine's measured
     # peak moves with its load, and a fraction means something only against the peak it was fitted to.
@@ -611,11 +612,14 @@ class Planner:
         bw = hw.bandwidth * cal.bandwidth_fraction / active
         peak = hw.flops(mem.quant) * cal.flops_fraction / active
         kv = mem.kv_per_token / pp * (mb * kv_len if decode else kv_len)
-        passes = self.cal.scan_weight_passes if (pp > 1 if scanned is None else scanned) else 1.0
         # matmul_flops' attention term is tokens x keys: a later chunk's mb x kv_len / sp per rank is the
         # ring's mb / sp x kv_len, so both prefill forms price as 1/sp of the tokens against every key
         flop_tokens, attended = (mb, kv_len / sp) if decode else (mb / sp, kv_len)
-        passes *= cal.weight_passes(mem.quant, flop_tokens)
+        # The matmuls read the weights once, or weight_only_passes times on the weight-only path; a
+        # scanned stage's copy of each layer's weights adds scan_weight_passes - 1 reads at full speed.
+        passes = cal.weight_passes(mem.quant, flop_tokens)
+        if pp > 1 if scanned is None else scanned:
+            passes += cal.scan_weight_passes - 1
         layer_bytes = mem.stacked_read(flop_tokens) * passes / pp + kv  # the experts this rank's tokens chose
         layer_flops = explain.matmul_flops(mem.setup, flop_tokens, attended, 0) / pp
         colls = prog.decode if decode else prog.ring if ring else prog.prefill
