@@ -10,9 +10,7 @@ the matching [bm, bk] tile of x on the tensor cores (bm: the rows rounded up to 
 matmul tile) and accumulates in float32. A layer's down projection has too few column strips to fill
 the GPU (N 4096 / 128 = 32 programs on 132 SMs), so K is split too: program (j, s) writes the partial
 sum of K range s, and the partials are summed (and scaled per output channel) outside the kernel, a few
-KB at decode sizes.
-
-    PYTHONPATH=. python pallas_kernels/fp8_matmul.py   # micro-benchmark on a GPU (interpret mode on CPU)
+KB at decode sizes. benchmarks/gpu_check.py stage f times it beside XLA's paths and bf16.
 """
 
 from __future__ import annotations
@@ -133,44 +131,3 @@ def fp8_matmul(x, w, scales, *, interpret: bool = False, block_n: int = 128, blo
         interpret=interpret,
     )(x, w)
     return (partial.sum(0) * scales[None, :]).astype(x.dtype)
-
-
-def _bench() -> None:
-    """GB/s of the fp8 weights read by the kernel, XLA's cast-and-dot and a bf16 dot on Llama-3-8B's
-    projections at decode rows."""
-    import time
-
-    import numpy as np
-
-    dev = jax.devices()[0]
-    interpret = dev.platform == "cpu"
-    shapes = [(4096, 14336), (14336, 4096), (4096, 6144)] if not interpret else [(256, 384)]
-
-    def best(fn, *args) -> float:
-        fn(*args).block_until_ready()
-        t = float("inf")
-        for _ in range(3 if interpret else 20):
-            t0 = time.perf_counter()
-            fn(*args).block_until_ready()
-            t = min(t, time.perf_counter() - t0)
-        return t
-
-    rng = np.random.default_rng(0)
-    for k, n in shapes:
-        for m in (1, 16, 64):
-            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-            wf = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.bfloat16)
-            w, scales = wf.astype(FP8), jnp.ones(n, jnp.float32)
-            kernel = best(functools.partial(fp8_matmul, interpret=interpret), x, w, scales)
-            xla = best(jax.jit(lambda x, w, s: (jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) * s)
-                               .astype(x.dtype)), x, w, scales)
-            bf16 = best(jax.jit(jnp.dot), x, wf)
-            print(
-                f"{dev.device_kind} K {k} N {n} rows {m}: kernel {kernel * 1e6:.0f} us "
-                f"({k * n / kernel / 1e9:.0f} GB/s of fp8), XLA cast-and-dot {xla * 1e6:.0f} us, bf16 dot "
-                f"{bf16 * 1e6:.0f} us" + (" (interpret mode: times say nothing of speed)" if interpret else "")
-            )
-
-
-if __name__ == "__main__":
-    _bench()
