@@ -14,7 +14,7 @@ status, detail, elapsed_s, and the figures of the row), so a run killed at any p
 Child stderr goes to $OUT/gpu_check_logs/<stage>.log. jax's persistent compilation cache is on, and the jax
 children start with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 unless it is set (stage e's weights need it).
 
-Stages (default budget in seconds):
+Stages (default budget in seconds), run in the order env, a, d, f, q, p, b, s, c, peer, e:
   env  (20)  versions, device kind and memory, nameplate bandwidth and bf16 peak, jax's GPU kernels found.
   a    (45)  correctness on the device: our paged attention (page sizes 16 and 32, GQA/MQA) and grouped matmul
              against their jnp references; f32 under matmul precision "highest" (error <= 2e-5 of the
@@ -104,16 +104,18 @@ class Stage:
     min_s: float  # with less time than this left the stage is skipped rather than started
 
 
+# Run order: the rows that decide open work first (the engine's bf16 baseline, then fp8: the projection
+# paths, end to end, the planner against both), the kernel benchmarks measured on earlier cards after.
 STAGES = (
     Stage("env", 20, 8),
     Stage("a", 45, 15),
-    Stage("b", 75, 25),
-    Stage("c", 55, 20),
     Stage("d", 115, 50),
     Stage("f", 60, 15),
     Stage("q", 110, 35),
-    Stage("s", 30, 15),
     Stage("p", 30, 15),
+    Stage("b", 75, 25),
+    Stage("s", 30, 15),
+    Stage("c", 55, 20),
     Stage("peer", 65, 30),
     Stage("e", 105, 50),
 )

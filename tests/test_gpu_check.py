@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-STAGES = ("env", "a", "b", "c", "d", "f", "q", "s", "p", "peer", "e")
+STAGES = ("env", "a", "d", "f", "q", "p", "b", "s", "c", "peer", "e")  # gpu_check's run order
 ROW_KEYS = {"stage", "name", "status", "detail", "elapsed_s", "smoke"}
 
 
