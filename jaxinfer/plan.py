@@ -228,7 +228,7 @@ class Calibration:
 
     def weight_passes(self, fmt: str, rows: float) -> float:
         """How many times a step over `rows` activation rows reads its `fmt` weights' stored bytes."""
-        if fmt == "fp8" and rows >= quant_lib.FP8_NATIVE_MIN_ROWS:
+        if fmt == "fp8" and quant_lib.native_fp8(rows, gpu=True):
             return 1.0  # the native fp8 GEMM
         return dict(self.weight_only_passes).get(fmt, 1.0)
 

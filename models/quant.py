@@ -247,11 +247,13 @@ def merge_leading(w, n: int):
 FP8_NATIVE_MIN_ROWS = 512
 
 
-def native_fp8(rows: int | None = None) -> bool:
+def native_fp8(rows: float | None = None, gpu: bool | None = None) -> bool:
     """Whether fp8 weights meet fp8 activations in one native matmul (cuBLASLt on Hopper) for a
-    contraction of `rows` activation rows (None: some contraction does); elsewhere the fp8 values are
-    cast to the activations' dtype inside the fused contraction (weight-only)."""
-    return jax.default_backend() == "gpu" and (rows is None or rows >= FP8_NATIVE_MIN_ROWS)
+    contraction of `rows` activation rows (None: some contraction does) on a GPU (`gpu`; default: this
+    backend is one; jaxinfer/plan asks for the GPU it plans on); elsewhere the fp8 values are cast to the
+    activations' dtype inside the fused contraction (weight-only)."""
+    on_gpu = jax.default_backend() == "gpu" if gpu is None else gpu
+    return on_gpu and (rows is None or rows >= FP8_NATIVE_MIN_ROWS)
 
 
 def _broadcast_to_out(a, dims: str, out: str):
