@@ -134,9 +134,13 @@ def fp8_matmul(quant: str, mesh: jax.sharding.Mesh, dtype, requested: str) -> Ch
     if quant != "fp8":
         return None
     if requested in ("auto", "xla"):
-        why = "fp8_kernel='xla' was asked for" if requested == "xla" else (
-            "XLA's cast-and-dot, the measured path; the Pallas kernel awaits its GPU measurement "
-            "(fp8_kernel='pallas' takes it)"
+        why = (
+            "fp8_kernel='xla' was asked for"
+            if requested == "xla"
+            else (
+                "XLA's cast-and-dot, the measured path; the Pallas kernel awaits its GPU measurement "
+                "(fp8_kernel='pallas' takes it)"
+            )
         )
         return Choice("xla", why)
     if mesh.devices.size > 1:

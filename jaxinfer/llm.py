@@ -43,7 +43,7 @@ class LLM:
     jax.devices()); engines on disjoint device lists run side by side in one process (replicas).
     compilation_cache: directory of jax's persistent compilation cache, so a restart skips compiling
     (default $JAXINFER_COMPILATION_CACHE, else ~/.cache/jaxinfer/xla; "" turns it off).
-    unroll_layers: loop over layers in Python instead of `lax.scan` (default: unless pp > 1).
+    unroll_layers: loop over layers (each pipeline stage's) in Python instead of `lax.scan` (default).
     Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
     (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
     after the weights holds, at most what max_num_seqs full-length sequences need), prefill_chunk
@@ -135,10 +135,8 @@ class LLM:
             # every weight three times. Measured (benchmarks/gpu_check.py, H200, bf16, batch 1): Llama-3-8B
             # TPOT 11.7 ms scanned, 4.9 ms unrolled; Qwen3-30B-A3B 34.8 ms and 7.8 ms (the scan copies all
             # experts, not just the routed ones). On CPU decode is 1.5x faster unrolled at batch 16.
-            # Pipeline stages split the stack itself, so they always scan.
-            unroll_layers = self.mesh.shape["pp"] == 1
-        if unroll_layers and self.mesh.shape["pp"] > 1:
-            raise JaxinferError("unroll_layers=True needs pp=1: pipeline stages split the stacked layers")
+            # Pipeline stages unroll their own layers (runtime.unstack).
+            unroll_layers = True
         if random_weights:
             params = checkpoint.random_params(self.config, self.mesh, self.rules, self.dtype, quant_mode=quant)
         elif setup.source.kind == "orbax":

@@ -1,7 +1,9 @@
 """Pipeline parallelism: the stacked layers split into contiguous stages over the `pp` mesh axis.
 
 All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, and `sp` when sp > 1, so
-tensor parallelism inside a stage is still derived by XLA). The batch is cut into micro-batches; at
+tensor parallelism inside a stage is still derived by XLA). A stage's layers are a slice of the stacked
+arrays (`lax.scan` over them), or by default one array per layer of a stage (`runtime.unstack`), which the
+stage loops over in Python so that no layer's weights are copied out of a stack. The batch is cut into micro-batches; at
 tick t stage s works on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so
 only boundary activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
 which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
@@ -58,6 +60,9 @@ class Pipeline:
 
         def staged(stacked, x, cache, positions, cos, sin):
             stage = jax.lax.axis_index("pp")
+            if isinstance(stacked["wq"], (list, tuple)):
+                # Unrolled (runtime.unstack): one [1, ...] array per layer of this stage, its own buffer
+                stacked = jax.tree.map(lambda a: a.reshape(a.shape[1:]), stacked)
             rows = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, mb, axis=0)  # noqa: E731
             state, outs = jnp.zeros_like(x[:mb]), jnp.zeros_like(x)
             for tick in range(m + stages - 1):

@@ -273,7 +273,7 @@ def _passes_by_format(obj, path: Path) -> tuple[tuple[str, float], ...]:
     ):
         raise JaxinferError(
             f"{path}: weight_only_passes={obj!r}: expected an object of positive numbers keyed by weight format "
-            f"({', '.join(sorted(formats))}), e.g. {{\"fp8\": 2.0}}"
+            f'({", ".join(sorted(formats))}), e.g. {{"fp8": 2.0}}'
         )
     return tuple(sorted((k, float(v)) for k, v in obj.items()))
 

@@ -1,6 +1,8 @@
 """Pipeline parallelism: stages over `pp` give the single-device tokens and logits, and only
 activation-sized boundary transfers cross stages."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,31 @@ def test_each_stage_holds_only_its_layers_and_stages_pass_only_activations(tiny_
     assert len(permutes) == micro + 3 - 2  # one hand-over after every tick but the last
     smallest_weight = cfg.hidden_size * cfg.head_dim
     assert all(c.bytes < smallest_weight for c in ops if c.kind == "all-gather")
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_stages_read_their_layers_in_place_unless_scanned(tiny_dir, unroll):
+    """By default each stage holds its layers as separate buffers (runtime.unstack) and the decode step
+    copies no layer's weights; in lax.scan (unroll_layers=False) XLA copies them out of the stack."""
+    llm = jaxinfer.LLM(str(tiny_dir("llama3", num_hidden_layers=6)), pp=3, tp=2, unroll_layers=unroll)
+    wq = llm.state["params"]["wq"].get_value()
+    if unroll:  # 2 arrays of [3 stages, ...], each device holding its stage's one layer
+        assert len(wq) == 2 and all({s.data.shape[0] for s in w.addressable_shards} == {1} for w in wq)
+    np.testing.assert_array_equal(
+        np.asarray(llm.params["wq"]),
+        np.asarray(jaxinfer.LLM(str(tiny_dir("llama3", num_hidden_layers=6))).params["wq"]),
+    )
+    layer = {
+        "f32[" + ",".join(map(str, llm.params[n].addressable_shards[0].data.shape[1:])) + "]" for n in llm.setup.stacked
+    }
+    batch = 4
+    sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), batch, batch)
+    col = llm.setup.put(np.zeros(batch, np.int32))
+    args = (llm.graphdef, llm.state, llm._cache(batch, 32), col, col, sampling)
+    text = steps.decode.lower(*args, n_steps=1, greedy_only=True).compile().as_text()
+    op = r"= (f32\[[0-9,]*\])\{[^}]*\} (dynamic-slice|slice|copy|fusion)\("
+    copies = [m.group(1) for m in (re.search(op, line) for line in text.splitlines()) if m and m.group(1) in layer]
+    assert (not copies) if unroll else copies
 
 
 def test_schedule_figures_and_uneven_stages():
