@@ -5,9 +5,8 @@
 
 The calibration (--calibrate) is measured on tp=1 only, and on micro-benchmarks: the per-step overhead
 is `bench` of the model's own layers at tiny widths (where no weight or FLOP counts); `bench` at batch 1
-and 4 with the layers unrolled (as pp = 1 runs) then fits the bandwidth and FLOP/s fractions; the same
-bench with the layers in lax.scan (as pipeline stages run them) fits how many times a scanned weight
-crosses memory; a loop of psums over 3 simulated devices gives a collective's latency. Every other
+and 4 (the layers unrolled, as every mesh here runs them, pipeline stages too) then fits the bandwidth and
+FLOP/s fractions; a loop of psums over 3 simulated devices gives a collective's latency. Every other
 mesh below (tp 3, pp 2/3/5, tp3 x pp2) is then predicted without having been seen: the table reports
 the error of each and whether the predicted ranking by TPOT equals the measured one (target: 25%).
 Each bench runs in its own process (as `jaxinfer bench` would), one after another.
@@ -33,14 +32,12 @@ MESHES = [dict(tp=1), dict(tp=3), dict(pp=2), dict(pp=3), dict(pp=5), dict(tp=3,
 MODEL = "smollm2-135m"
 
 
-def bench_one(
-    axes: dict, batches: list[int], prompt_len: int, gen_len: int, unroll: bool | None, repeat: int = 1, tiny=False
-):
+def bench_one(axes: dict, batches: list[int], prompt_len: int, gen_len: int, repeat: int = 1, tiny=False):
     """`bench` of one mesh in a fresh process with just the devices it needs; with `repeat`, the
     smallest median TPOT of that many runs (other work on a shared machine only ever slows a run). With
     `tiny`, the model's own layers (as many, the same code) at widths where no weight or FLOP counts."""
     if repeat > 1:
-        runs = [bench_one(axes, batches, prompt_len, gen_len, unroll, tiny=tiny) for _ in range(repeat)]
+        runs = [bench_one(axes, batches, prompt_len, gen_len, tiny=tiny) for _ in range(repeat)]
         best = runs[0]
         for i, row in enumerate(best["rows"]):
             row["tpot_median_s"] = min(r["rows"][i]["tpot_median_s"] for r in runs)
@@ -55,7 +52,7 @@ def bench_one(
     code = (
         "import dataclasses, json, sys; from jaxinfer import bench, plan; from jaxinfer.llm import LLM; "
         f"c = plan.model_config({MODEL!r}); "
-        f"llm = LLM({model}, **{axes!r}, max_seq_len=256, max_num_seqs={max(batches)}, unroll_layers={unroll!r}, "
+        f"llm = LLM({model}, **{axes!r}, max_seq_len=256, max_num_seqs={max(batches)}, "
         f"random_weights={tiny!r}); "
         f"print(json.dumps(bench.run(llm, {batches!r}, {prompt_len}, {gen_len})))"
     )
@@ -102,10 +99,9 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
     # The peaks before, between and after the benches, the highest of each kept: other work on a shared
     # machine only ever lowers a measured peak, and a fraction of a depressed peak can exceed 1.
     peaks = [plan.load_hardware("cpu", num_devices=8)]
-    unrolled = bench_one(dict(tp=1), batches, prompt_len, gen_len, None, repeat)
+    unrolled = bench_one(dict(tp=1), batches, prompt_len, gen_len, repeat)
     peaks.append(plan.load_hardware("cpu", num_devices=8))
-    scanned = bench_one(dict(tp=1), batches, prompt_len, gen_len, False, repeat)
-    tiny = bench_one(dict(tp=1), batches, prompt_len, gen_len, None, repeat, tiny=True)
+    tiny = bench_one(dict(tp=1), batches, prompt_len, gen_len, repeat, tiny=True)
     peaks.append(plan.load_hardware("cpu", num_devices=8))
     bw, fl = max(h.bandwidth for h in peaks) / 1e9, max(h.bf16_flops for h in peaks) / 1e12
     hw = plan.load_hardware("cpu", num_devices=8, pinned=plan.Calibration(peak_gb_s=bw, peak_tflops=fl).pins())
@@ -113,23 +109,21 @@ def calibrate(batches: list[int], prompt_len: int, gen_len: int, repeat: int) ->
     latency = collective_latency()
     base = plan.Calibration(collective_latency_s=latency)
     cal = plan.fit(unrolled, req, hw, "float32", "tp=1 bench", base, overhead=overhead)
-    passes = plan.fit_scan_passes(scanned, req, hw, "float32", cal, "tp=1 scanned bench")
     rows = lambda r, d=1: ", ".join(f"batch {x['batch']} {x['tpot_median_s'] * 1e3:.{d}f} ms" for x in r["rows"])  # noqa: E731
     out = {
         "bandwidth_fraction": round(cal.bandwidth_fraction, 4),
         "flops_fraction": round(cal.flops_fraction, 4),
         "step_overhead_s": round(cal.step_overhead_s, 6),
         "collective_latency_s": round(latency, 7),
-        "scan_weight_passes": round(passes, 3),
         "peak_gb_s": round(hw.bandwidth / 1e9, 2),
         "peak_tflops": round(hw.bf16_flops / 1e12, 5),
         "measured": (
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax float32, "
             f"{datetime.date.today()}: benchmarks/plan_check.py --calibrate --repeat={repeat}. {MODEL} at tp=1, "
             f"prompt {prompt_len}, {gen_len} new tokens: the same {plan.model_config(MODEL).num_layers} layers at "
-            f"tiny widths (head_dim 8, vocabulary 512) {rows(tiny, 2)} (their mean is step_overhead_s); unrolled "
-            f"layers {rows(unrolled)} (fits the fractions); layers in lax.scan {rows(scanned)} (fits "
-            f"scan_weight_passes); a psum of 576 floats over 3 simulated devices {latency * 1e6:.0f} us. The "
+            f"tiny widths (head_dim 8, vocabulary 512) {rows(tiny, 2)} (their mean is step_overhead_s); the "
+            f"layers at full width {rows(unrolled)} (fits the fractions); a psum of 576 floats over 3 simulated "
+            f"devices {latency * 1e6:.0f} us. The "
             "fractions are of the peaks measured then (bench.peak_bandwidth and a float32 matmul), kept here as "
             "peak_gb_s and peak_tflops."
         ),
@@ -192,7 +186,7 @@ def main() -> None:
         for axes in MESHES:
             if all((_name(axes), b) in loaded for b in batches):
                 continue
-            r = bench_one(axes, batches, args.prompt_len, args.gen_len, None)
+            r = bench_one(axes, batches, args.prompt_len, args.gen_len)
             for row in r["rows"]:
                 k = (_name(axes), row["batch"])
                 measured[k] = min(measured.get(k, float("inf")), row["tpot_median_s"])
@@ -203,7 +197,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {MODEL} float32, prompt "
         f"{args.prompt_len}, {args.gen_len} new tokens; peaks (calibration's) {hw.bandwidth / 1e9:.1f} GB/s, "
         f"{hw.bf16_flops / 1e9:.1f} GFLOP/s; calibration: bandwidth x{cal.bandwidth_fraction:.2f}, "
-        f"FLOP/s x{cal.flops_fraction:.2f}, scanned weights x{cal.scan_weight_passes:.2f} (fitted on tp1); overhead "
+        f"FLOP/s x{cal.flops_fraction:.2f} (fitted on tp1); overhead "
         f"{cal.step_overhead_s * 1e3:.2f} ms, collective {(cal.collective_latency_s or 0) * 1e6:.0f} us (measured)"
     )
     print("| mesh | batch | predicted TPOT ms | measured TPOT ms | error | within 25% |")

@@ -180,6 +180,7 @@ def run(llm: LLM, batch_sizes: list[int], prompt_len: int, gen_len: int) -> dict
         "peak_bandwidth_gb_s": peak / 1e9,
         "peak_source": "nameplate" if nameplate else "measured",
         "kernels": llm.setup.kernel_report(),
+        "layers": "unrolled" if llm.unroll_layers else "scanned",  # (each pipeline stage's, at pp > 1)
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         **(

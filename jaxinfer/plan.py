@@ -211,8 +211,9 @@ class Calibration:
     flops_fraction: float = 1.0  # of the peak FLOP/s its matmuls reach
     step_overhead_s: float = 0.0  # fixed cost per compiled step (launches, host round trip)
     collective_latency_s: float | None = None  # overrides the hardware's link latencies when set
-    # Pipeline stages run their layers in lax.scan, where XLA copies each layer's weights out of the
-    # stacked array before using them: the weights cross memory this many times instead of once.
+    # Layers run in lax.scan (LLM(unroll_layers=False); by default they are unrolled, pipeline stages
+    # too), where XLA copies each layer's weights out of the stacked array before using them: the weights
+    # cross memory this many times instead of once. Only a bench of scanned layers is priced with it.
     scan_weight_passes: float = 1.0
     # Per weight format, the same for a quantized weight on the weight-only path (its values cast inside
     # the dot: int8 and int4 always, fp8 below quant.FP8_NATIVE_MIN_ROWS rows): on an H200 XLA's fused
@@ -592,7 +593,7 @@ class Planner:
         kv_len: float,
         decode: bool,
         nodes: int,
-        scanned: bool | None = None,
+        scanned: bool = False,
         ring: bool = False,
     ) -> float:
         """Seconds of one step on one replica: a decode step over `tokens` sequences of `kv_len` tokens of
@@ -618,7 +619,7 @@ class Planner:
         # The matmuls read the weights once, or weight_only_passes times on the weight-only path; a
         # scanned stage's copy of each layer's weights adds scan_weight_passes - 1 reads at full speed.
         passes = cal.weight_passes(mem.quant, flop_tokens)
-        if pp > 1 if scanned is None else scanned:
+        if scanned:
             passes += cal.scan_weight_passes - 1
         layer_bytes = mem.stacked_read(flop_tokens) * passes / pp + kv  # the experts this rank's tokens chose
         layer_flops = explain.matmul_flops(mem.setup, flop_tokens, attended, 0) / pp
@@ -984,8 +985,9 @@ def _bench_model(report: dict, req: Request, hw: Hardware, dtype: str, cal: Cali
     prog = planner.program(tp, ep, pp)
     # the bench decodes after a prompt of prompt_len, up to prompt_len + gen_len: its mean context
     ctx = r.isl + r.osl / 2
+    scanned = report.get("layers") == "scanned"
 
-    def tpot(c: Calibration, batch: int, scanned: bool | None = None) -> float:
+    def tpot(c: Calibration, batch: int) -> float:
         planner.cal = c
         return planner.step_time(mem, prog, pp, batch, ctx, True, 1, scanned)
 
@@ -1026,20 +1028,6 @@ def fit(
                 if e < best[0]:
                     best = (e, c)
     return best[1]
-
-
-def fit_scan_passes(report: dict, req: Request, hw: Hardware, dtype: str, cal: Calibration, source: str) -> float:
-    """How many times a scanned layer's weights cross memory, from a bench of the same mesh run with
-    unroll_layers=False (everything else as calibrated)."""
-    tpot, measured = _bench_model(report, req, hw, dtype, cal, source)
-    passes = np.linspace(1.0, 6.0, 101)
-    errors = [
-        sum(
-            math.log(tpot(dataclasses.replace(cal, scan_weight_passes=float(k)), b, True) / t) ** 2 for b, t in measured
-        )
-        for k in passes
-    ]
-    return float(passes[int(np.argmin(errors))])
 
 
 def fit_weight_only_passes(planner, mem, prog, batch: int, kv_len: float, measured_s: float) -> float:
