@@ -162,7 +162,7 @@ def bench_batch(llm: LLM, batch: int, prompt_len: int, gen_len: int, peak: float
         "mbu": reads / median / peak,
         "roofline_tok_s": batch * peak / reads,
         "bubble_fraction": pipeline.bubble_fraction(
-            llm.mesh.shape["pp"], pipeline.microbatch_count(b, llm.mesh.shape["pp"])
+            llm.mesh.shape["pp"], pipeline.microbatch_count(b, llm.mesh.shape["pp"], llm.setup.microbatch_rows)
         ),
     }
 

@@ -13,6 +13,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "HF checkpoint directory, .gguf file, orbax checkpoint or built-in name.")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree (mesh axis tp).")
 flags.DEFINE_integer("pp", 1, "Pipeline-parallel degree (mesh axis pp).")
+flags.DEFINE_integer(
+    "pp_microbatch_rows",
+    None,
+    "pp > 1: the fewest rows (tokens) a step's batch is cut into micro-batches of, at most pp of them "
+    "(default 256: a decode batch below it runs as one micro-batch, reading each stage's weights once).",
+)
 flags.DEFINE_integer("ep", 1, "Expert-parallel degree (mesh axis ep).")
 flags.DEFINE_integer("sp", 1, "Sequence-parallel degree (mesh axis sp).")
 flags.DEFINE_integer("dp", 1, "Data-parallel degree (mesh axis dp: independent batch shards).")
@@ -187,6 +193,7 @@ def _llm_kwargs(max_num_seqs: int | None = None) -> dict:
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         quantize_head=FLAGS.quantize_head,
         fp8_kernel=FLAGS.fp8_kernel,
+        pp_microbatch_rows=FLAGS.pp_microbatch_rows,
     )
 
 

@@ -207,7 +207,11 @@ def explain(
         )
     stages = setup.mesh.shape["pp"]
     if stages > 1:
-        micro = {name: pipeline.microbatch_count(rows, stages) for name in ("prefill", "decode")}
+        least = setup.microbatch_rows  # rows of one token; a prefill row is t tokens
+        micro = {
+            "prefill": pipeline.microbatch_count(rows, stages, -(-least // t)),
+            "decode": pipeline.microbatch_count(rows, stages, least),
+        }
         out["pipeline"] = {
             "stages": stages,
             "layers_per_stage": cfg.num_layers // stages,

@@ -44,6 +44,9 @@ class LLM:
     compilation_cache: directory of jax's persistent compilation cache, so a restart skips compiling
     (default $JAXINFER_COMPILATION_CACHE, else ~/.cache/jaxinfer/xla; "" turns it off).
     unroll_layers: loop over layers (each pipeline stage's) in Python instead of `lax.scan` (default).
+    pp_microbatch_rows: at pp > 1, the fewest rows (tokens) a step's batch is cut into micro-batches of,
+    at most pp of them (default pipeline.MIN_MICROBATCH_ROWS = 256: below it a stage reads its weights
+    again for too few rows to pay for the bubble it saves, so a decode batch runs as one micro-batch).
     Serving engine (`generate`, `generate_stream`, `AsyncLLM`): max_num_seqs concurrent sequences
     (default 16), page_size tokens per KV page (16), num_pages (default: what half the memory left
     after the weights holds, at most what max_num_seqs full-length sequences need), prefill_chunk
@@ -89,6 +92,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         quantize_head: bool = False,
         fp8_kernel: str = "auto",
+        pp_microbatch_rows: int | None = None,
     ):
         t0 = time.perf_counter()
         compile_cache.enable(compilation_cache)
@@ -115,6 +119,7 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype,
             quantize_head=quantize_head,
             fp8_kernel=fp8_kernel,
+            pp_microbatch_rows=pp_microbatch_rows,
         )
         sp = setup.mesh.shape["sp"]
         if num_pages is not None and (num_pages % sp or num_pages < 2 * sp):

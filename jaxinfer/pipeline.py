@@ -31,9 +31,20 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import sharding
 
 
-def microbatch_count(batch: int, most: int) -> int:
-    """The largest divisor of `batch` that is at most `most`."""
-    return max(m for m in range(1, min(batch, most) + 1) if batch % m == 0)
+# Every micro-batch reads its stage's weights again, so micro-batches pay only where a stage's matmuls are
+# compute-bound: from about peak FLOP/s x bytes per weight / (2 x bandwidth) rows, 206-295 rows for bf16 on
+# an H200 / H100 (989 TFLOP/s over 4.8 / 3.35 TB/s). Below that a decode batch runs as one micro-batch:
+# pp ticks reading each stage's weights once, where M micro-batches take M + pp - 1 ticks reading them M
+# times (SmolLM2 on CPU at batch 4: pp = 2 / 3 / 5 TPOT 39 / 50 / 74 ms in micro-batches of 2, 2 and 1
+# rows; 35 / 41 / 50 ms as one).
+MIN_MICROBATCH_ROWS = 256
+
+
+def microbatch_count(batch: int, most: int, min_rows: int = MIN_MICROBATCH_ROWS) -> int:
+    """The largest divisor of `batch` that is at most `most` and leaves micro-batches of at least
+    `min_rows` rows (1 if none does)."""
+    fits = [m for m in range(1, min(batch, most) + 1) if batch % m == 0 and batch // m >= min_rows]
+    return max(fits, default=1)
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -44,13 +55,14 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
 class Pipeline:
     mesh: Mesh
     microbatches: int  # at most this many; the batch is cut into its largest divisor not above it
+    min_rows: int = MIN_MICROBATCH_ROWS  # ... that leaves micro-batches of at least this many rows
 
     def __call__(self, run, stacked: dict, x, cache, positions, cos, sin):
         """`run(stacked, x, cache, positions, cos, sin) -> (x, cache)` applies the layers it is given;
         here each stage applies its own slice of them to one micro-batch at a time."""
         stages = self.mesh.shape["pp"]
         batch = x.shape[0]
-        m = microbatch_count(batch, self.microbatches)
+        m = microbatch_count(batch, self.microbatches, -(-self.min_rows // x.shape[1]))  # rows of T tokens
         mb = batch // m
         sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
         split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages

@@ -606,7 +606,7 @@ class Planner:
         cal, hw, cfg = self.cal, self.hw, self.cfg
         tp, ep, sp = (mem.setup.mesh.shape[a] for a in ("tp", "ep", "sp"))
         seqs = tokens if decode else 1
-        m = pipeline.microbatch_count(seqs, pp)
+        m = pipeline.microbatch_count(seqs, pp, mem.setup.microbatch_rows)  # (a prefill chunk: one sequence)
         mb = tokens // m  # tokens per micro-batch
         # Simulated CPU devices draw on one memory system and one set of cores: those working at once share it.
         active = tp * ep * sp * min(m, pp) if hw.shared else 1

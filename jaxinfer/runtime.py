@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import checkpoint, distributed, kernels, sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError
-from jaxinfer.pipeline import Pipeline
+from jaxinfer.pipeline import MIN_MICROBATCH_ROWS, Pipeline
 from jaxinfer.sampling import SamplingParams, seed_key
 from models import kv_cache, llama, quant
 from models.moe import DISPATCH_MODES, MoE
@@ -100,6 +100,7 @@ class Setup:
     fp8_matmul: kernels.Choice | None = None  # fp8 weights' contractions at decode rows (models held in fp8)
     quant: str = "none"  # weights as held: "none", or a format of models/quant.py ("auto" resolved)
     kv_cache_dtype: str = "auto"  # KV-cache storage: "auto" = the activation dtype
+    microbatch_rows: int = MIN_MICROBATCH_ROWS  # pp > 1: the fewest rows a micro-batch is cut to
 
     def kernel_report(self) -> dict[str, str]:
         """Which implementation each compiled step uses, and why."""
@@ -129,7 +130,8 @@ class Setup:
     def build(self, attention_kernel=None) -> tuple[nnx.GraphDef, nnx.State]:
         """The abstract model (no weights made) split into graph and state."""
         cfg = self.config
-        pipeline = Pipeline(self.mesh, self.mesh.shape["pp"]) if self.mesh.shape["pp"] > 1 else None
+        pp = self.mesh.shape["pp"]
+        pipeline = Pipeline(self.mesh, pp, self.microbatch_rows) if pp > 1 else None
         model = nnx.eval_shape(
             lambda: llama.Llama(
                 cfg,
@@ -300,6 +302,7 @@ def prepare(
     kv_cache_dtype: str = "auto",
     quantize_head: bool = False,
     fp8_kernel: str = "auto",
+    pp_microbatch_rows: int | None = None,
 ) -> Setup:
     """Resolves the model and mesh and checks every constraint; reads no weights. `model` names a
     checkpoint or a built-in shape, or is a ModelConfig: a shape without weights, named by nothing (for
@@ -312,6 +315,9 @@ def prepare(
     kernels.check("moe_kernel", moe_kernel)
     kernels.check("attention", attention)
     kernels.check("fp8_kernel", fp8_kernel)
+    rows = pp_microbatch_rows
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise JaxinferError(f"pp_microbatch_rows={rows!r} must be a positive integer (the fewest rows per micro-batch)")
     overrides = None
     if mesh is not None:
         preset = sharding.load_preset(mesh)
@@ -367,6 +373,7 @@ def prepare(
     setup = Setup(source, cfg, device_mesh, rules, dt, max_seq_len or cfg.max_position_embeddings, kv_heads, None, None)
     setup.quant = quant
     setup.kv_cache_dtype = kv_cache_dtype
+    setup.microbatch_rows = MIN_MICROBATCH_ROWS if pp_microbatch_rows is None else pp_microbatch_rows
     setup.attention = kernels.attention(cfg, dt, attention, kv_cache_dtype=kv_cache_dtype, sp=shape["sp"])
     log.info("decode attention: %s", setup.attention)
     if cfg.num_experts:

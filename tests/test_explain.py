@@ -133,9 +133,11 @@ def test_pipeline_figures():
     r = explain.explain("llama3-8b", dict(pp=4, tp=2), dtype="float32", batch=8, prompt_len=64)
     p = r["pipeline"]
     assert p["stages"] == 4 and p["layers_per_stage"] == 8
-    assert p["microbatches"]["decode"] == 4 and p["bubble_fraction"]["decode"] == 3 / 7
-    # every hand-over is one micro-batch's [2, 1, 4096] fp32 activations: no weights cross stages
-    assert p["boundary_bytes_per_step"]["decode"] == (4 + 4 - 2) * 2 * 4096 * 4
+    # a decode batch of 8 rows runs as one micro-batch (pipeline.MIN_MICROBATCH_ROWS); the prefill's
+    # 8 x 64 tokens in two of 256
+    assert p["microbatches"] == {"prefill": 2, "decode": 1} and p["bubble_fraction"]["decode"] == 3 / 4
+    # every hand-over is one micro-batch's [8, 1, 4096] fp32 activations: no weights cross stages
+    assert p["boundary_bytes_per_step"]["decode"] == (1 + 4 - 2) * 8 * 4096 * 4
     # each stage holds a quarter of the layers (split again over tp); embedding and head sit on every stage
     vocab = 2 * 128256 * 4096 * 4
     want = (r["total"]["param_bytes"] - vocab) / 8 + vocab / 2
@@ -143,7 +145,7 @@ def test_pipeline_figures():
     # bf16 stages compile on CPU too (their final sum runs widened there); XLA:CPU computes bf16 in f32
     # and may hand the activations over in either width
     r16 = explain.explain("llama3-8b", dict(pp=4, tp=2), dtype="bfloat16", batch=8, prompt_len=64)
-    assert r16["pipeline"]["boundary_bytes_per_step"]["decode"] in [(4 + 4 - 2) * 2 * 4096 * w for w in (2, 4)]
+    assert r16["pipeline"]["boundary_bytes_per_step"]["decode"] in [(1 + 4 - 2) * 8 * 4096 * w for w in (2, 4)]
 
 
 def test_a_step_reads_one_embedding_row_per_token_unless_the_table_is_the_head(tiny_dir):

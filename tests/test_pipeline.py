@@ -21,7 +21,11 @@ def single(smollm2):
     return one.score(ids), [o.token_ids for o in one.generate(PROMPTS, params)], ids, params
 
 
-@pytest.mark.parametrize("axes", [dict(pp=2), dict(pp=3), dict(pp=5), dict(pp=2, tp=3)], ids=str)
+# pp_microbatch_rows=1 cuts the 3 prompts into micro-batches of one (by default a batch this small runs whole)
+MICRO = dict(pp_microbatch_rows=1)
+
+
+@pytest.mark.parametrize("axes", [dict(pp=2), dict(pp=3, **MICRO), dict(pp=5), dict(pp=2, tp=3, **MICRO)], ids=str)
 def test_real_model_stages_equal_one_device(single, axes):
     logits, tokens, ids, params = single
     llm = jaxinfer.LLM("smollm2-135m", **axes, **SMALL_ENGINE)
@@ -31,7 +35,7 @@ def test_real_model_stages_equal_one_device(single, axes):
 
 
 def test_each_stage_holds_only_its_layers_and_stages_pass_only_activations(tiny_dir):
-    llm = jaxinfer.LLM(str(tiny_dir("llama3")), pp=3, tp=2)  # 3 layers, one per stage
+    llm = jaxinfer.LLM(str(tiny_dir("llama3")), pp=3, tp=2, **MICRO)  # 3 layers, one per stage
     cfg = llm.config
     wq = llm.params["wq"]
     assert {s.data.shape[0] for s in wq.addressable_shards} == {1}
@@ -46,7 +50,7 @@ def test_each_stage_holds_only_its_layers_and_stages_pass_only_activations(tiny_
     )
     ops = hlo.collectives(text)
     permutes = [c for c in ops if c.kind == "collective-permute"]
-    micro = pipeline.microbatch_count(batch, 3)
+    micro = pipeline.microbatch_count(batch, 3, 1)
     activation = batch // micro * cfg.hidden_size * 4  # one micro-batch's [mb, 1, D] in fp32
     assert permutes and all(c.bytes == activation for c in permutes)
     assert len(permutes) == micro + 3 - 2  # one hand-over after every tick but the last
@@ -80,7 +84,11 @@ def test_stages_read_their_layers_in_place_unless_scanned(tiny_dir, unroll):
 
 
 def test_schedule_figures_and_uneven_stages():
-    assert pipeline.microbatch_count(6, 4) == 3 and pipeline.microbatch_count(1, 4) == 1
+    assert pipeline.microbatch_count(6, 4, 1) == 3 and pipeline.microbatch_count(1, 4, 1) == 1
+    # by default a micro-batch holds at least 256 rows: smaller batches run whole
+    assert [pipeline.microbatch_count(b, 4) for b in (64, 511, 512, 768, 1024)] == [1, 1, 2, 3, 4]
+    with pytest.raises(JaxinferError, match=r"pp_microbatch_rows=0 must be a positive integer"):
+        jaxinfer.LLM("smollm2-135m", pp=2, pp_microbatch_rows=0)
     assert pipeline.bubble_fraction(4, 4) == pytest.approx(3 / 7)
     with pytest.raises(JaxinferError, match=r"num_hidden_layers=30 is not divisible by pp=4.*\[1, 2, 3, 5, 6"):
         jaxinfer.LLM("smollm2-135m", pp=4)
