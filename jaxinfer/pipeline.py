@@ -2,11 +2,12 @@
 
 All stages run in one SPMD program (`jax.shard_map`, manual over `pp` only, and `sp` when sp > 1, so
 tensor parallelism inside a stage is still derived by XLA). A stage's layers are a slice of the stacked
-arrays (`lax.scan` over them), or by default one array per layer of a stage (`runtime.unstack`), which the
-stage loops over in Python so that no layer's weights are copied out of a stack. The batch is cut into micro-batches; at
-tick t stage s works on micro-batch t - s and hands its output to stage s + 1 with a `ppermute`, so
-only boundary activations cross stages. With M micro-batches and P stages the schedule takes M + P - 1 ticks, of
-which each stage idles P - 1: the bubble fraction is (P - 1) / (M + P - 1).
+arrays (`lax.scan` over them), or by default one array per layer of a stage (`runtime.unstack`), which
+the stage loops over in Python so that no layer's weights are copied out of a stack. A batch of at least
+2 x MIN_MICROBATCH_ROWS rows is cut into micro-batches; at tick t stage s works on micro-batch t - s and
+hands its output to stage s + 1 with a `ppermute`, so only boundary activations cross stages. With M
+micro-batches and P stages the schedule takes M + P - 1 ticks, of which each stage idles P - 1: the
+bubble fraction is (P - 1) / (M + P - 1).
 
 With sequence parallelism (sp > 1) the stage's shard_map is manual over `pp` and `sp`: a ring prefill's
 activations come in split on their seq dimension (its `SeqKV` writes each layer's K/V into the cache
