@@ -206,10 +206,12 @@ def test_builtin_moe_shapes_explain():
     q = explain.explain("qwen3-30b-a3b", dict(ep=4, tp=2), dtype="bfloat16", batch=1, prompt_len=128)
     assert q["moe"]["expert_param_bytes"]["per_device"] == 48 * 128 * 3 * 2048 * 768 * 2 // 8
     assert q["moe"]["steps"]["prefill"]["mode"] == "psum"  # top-8 of 128: most tokens reach every device
-    # on pipeline stages each stage's layer loop holds one psum of its micro-batch: 4 tokens x D in bf16
+    # on pipeline stages each stage's layer loop holds one psum of its micro-batch, here the whole decode
+    # batch (under pipeline.MIN_MICROBATCH_ROWS): 8 tokens x D in bf16
     staged = explain.explain("qwen3-30b-a3b", dict(pp=2, ep=4), dtype="bfloat16", batch=8, prompt_len=128)
+    assert staged["pipeline"]["microbatches"]["decode"] == 1
     ar = staged["steps"]["decode"]["collectives"]["all-reduce"]
-    assert ar["per_layer_count"] == 1 and ar["per_layer_bytes"] == 4 * 2048 * 2
+    assert ar["per_layer_count"] == 1 and ar["per_layer_bytes"] == 8 * 2048 * 2
 
 
 def test_errors(tiny_dir):
