@@ -326,8 +326,9 @@ def test_sp_pp_engine_and_static_greedy_match_one_device(llama4, axes, monkeypat
 def test_sp_pp_prefill_hlo_rings_over_sp_in_each_stage_and_hands_over_split_activations(llama4):
     """Inside each stage's layer loop only the ring's collective-permutes over sp; between stages one
     permute over pp of a micro-batch's activations, still split over sp; the K/V never gathered (each
-    rank writes its stage's cache from the blocks the ring brings)."""
-    llm = jaxinfer.LLM(llama4, max_seq_len=MAX_SEQ, sp=2, pp=2)
+    rank writes its stage's cache from the blocks the ring brings). The stages scan their layers here, so
+    that one layer's collectives sit in a loop body of their own."""
+    llm = jaxinfer.LLM(llama4, max_seq_len=MAX_SEQ, sp=2, pp=2, unroll_layers=False)
     cfg, t, sp, pp = llm.config, MAX_SEQ, 2, 2
     ops, in_layer = hlo.layer_collectives(ring_prefill_hlo(llm, t, 199), cfg.num_layers // pp)
     block = (t // sp) * llm.cache_kv_heads * cfg.head_dim * 4  # one rank's K (or V) of one layer, fp32
@@ -342,7 +343,8 @@ def test_sp_pp_prefill_hlo_rings_over_sp_in_each_stage_and_hands_over_split_acti
 
 
 def test_sp_pp_decode_hlo_merges_partials_over_sp_in_each_stage_and_gathers_no_pages(llama4):
-    llm = jaxinfer.LLM(llama4, **ENGINE, sp=2, pp=2)
+    # scanned stages (a layer loop to find one layer's collectives in), cut into micro-batches of 2 rows
+    llm = jaxinfer.LLM(llama4, **ENGINE, sp=2, pp=2, unroll_layers=False, pp_microbatch_rows=2)
     cfg, eng, s, w = llm.config, llm.engine, 4, 16
     sampling, _ = llm.setup.sampling_arrays(jaxinfer.SamplingParams(temperature=0), s, s)
     cache = PagedKVCache(
