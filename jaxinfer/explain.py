@@ -207,10 +207,9 @@ def explain(
         )
     stages = setup.mesh.shape["pp"]
     if stages > 1:
-        least = setup.microbatch_rows  # rows of one token; a prefill row is t tokens
         micro = {
-            "prefill": pipeline.microbatch_count(rows, stages, -(-least // t)),
-            "decode": pipeline.microbatch_count(rows, stages, least),
+            "prefill": pipeline.microbatch_count(rows, stages, setup.microbatch_rows, tokens=t),
+            "decode": pipeline.microbatch_count(rows, stages, setup.microbatch_rows),
         }
         out["pipeline"] = {
             "stages": stages,

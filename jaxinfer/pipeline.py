@@ -41,10 +41,10 @@ from jaxinfer import sharding
 MIN_MICROBATCH_ROWS = 256
 
 
-def microbatch_count(batch: int, most: int, min_rows: int = MIN_MICROBATCH_ROWS) -> int:
-    """The largest divisor of `batch` that is at most `most` and leaves micro-batches of at least
-    `min_rows` rows (1 if none does)."""
-    fits = [m for m in range(1, min(batch, most) + 1) if batch % m == 0 and batch // m >= min_rows]
+def microbatch_count(batch: int, most: int, min_rows: int = MIN_MICROBATCH_ROWS, tokens: int = 1) -> int:
+    """The largest divisor of `batch` (sequences of `tokens` tokens each) that is at most `most` and
+    leaves micro-batches of at least `min_rows` rows, a row being one token (1 if none does)."""
+    fits = [m for m in range(1, min(batch, most) + 1) if batch % m == 0 and batch // m * tokens >= min_rows]
     return max(fits, default=1)
 
 
@@ -63,7 +63,7 @@ class Pipeline:
         here each stage applies its own slice of them to one micro-batch at a time."""
         stages = self.mesh.shape["pp"]
         batch = x.shape[0]
-        m = microbatch_count(batch, self.microbatches, -(-self.min_rows // x.shape[1]))  # rows of T tokens
+        m = microbatch_count(batch, self.microbatches, self.min_rows, tokens=x.shape[1])
         mb = batch // m
         sp = "sp" if self.mesh.shape["sp"] > 1 else None  # (the rules put seq and pages there when sp > 1)
         split = cache.sp_dim if sp else None  # k/v's dimension split over sp: a ring prefill's seq, the pool's pages

@@ -87,6 +87,7 @@ def test_schedule_figures_and_uneven_stages():
     assert pipeline.microbatch_count(6, 4, 1) == 3 and pipeline.microbatch_count(1, 4, 1) == 1
     # by default a micro-batch holds at least 256 rows: smaller batches run whole
     assert [pipeline.microbatch_count(b, 4) for b in (64, 511, 512, 768, 1024)] == [1, 1, 2, 3, 4]
+    assert pipeline.microbatch_count(8, 4, tokens=64) == 2  # a prefill of 8 x 64 tokens: micro-batches of 256
     with pytest.raises(JaxinferError, match=r"pp_microbatch_rows=0 must be a positive integer"):
         jaxinfer.LLM("smollm2-135m", pp=2, pp_microbatch_rows=0)
     assert pipeline.bubble_fraction(4, 4) == pytest.approx(3 / 7)
