@@ -36,8 +36,9 @@ from jaxinfer import sharding
 # compute-bound: from about peak FLOP/s x bytes per weight / (2 x bandwidth) rows, 206-295 rows for bf16 on
 # an H200 / H100 (989 TFLOP/s over 4.8 / 3.35 TB/s). Below that a decode batch runs as one micro-batch:
 # pp ticks reading each stage's weights once, where M micro-batches take M + pp - 1 ticks reading them M
-# times (SmolLM2 on CPU at batch 4: pp = 2 / 3 / 5 TPOT 39 / 50 / 74 ms in micro-batches of 2, 2 and 1
-# rows; 35 / 41 / 50 ms as one).
+# times (SmolLM2 on CPU, `jaxinfer bench --pp=P --batch_sizes=4 --prompt_len=64 --gen_len=33
+# --max_seq_len=256`: pp = 2 / 3 / 5 TPOT 35.2 / 40.7 / 50.3 ms as one micro-batch, 43.7 / 49.9 / 77.5 ms
+# with --pp_microbatch_rows=1, in micro-batches of 2, 2 and 1 rows).
 MIN_MICROBATCH_ROWS = 256
 
 
